@@ -449,7 +449,7 @@ def plot_class_distribution(y_train_labels, y_test_labels):
 def plot_preprocessing(raw_image):
     """The same digit as stored (0-255) and as the network sees it (0-1), values written in."""
     scaled = raw_image.astype("float32") / 255.0
-    figure, axes = plt.subplots(1, 2, figsize=(17, 8.8))
+    figure, axes = plt.subplots(1, 2, figsize=(17, 8.2), layout="constrained")
     for axis, image, title, fmt in (
             (axes[0], raw_image, "raw: uint8 values 0-255", "{:.0f}"),
             (axes[1], scaled, "scaled: float32 values 0-1 (divided by 255)", "{:.1f}")):
@@ -970,13 +970,15 @@ def plot_saliency(images, maps, titles, colors):
     figure, axes = plt.subplots(2, count, figsize=(2.0 * count, 4.4))
     for column in range(count):
         show_digit(axes[0, column], images[column], titles[column], colors[column])
-        axes[1, column].imshow(np.squeeze(images[column]), cmap="gray")
-        axes[1, column].imshow(maps[column], cmap="inferno", alpha=0.6)
+        axes[1, column].imshow(maps[column], cmap="inferno", vmin=0, vmax=1)
+        axes[1, column].contour(np.squeeze(images[column]), levels=[0.5], colors="cyan",
+                                linewidths=0.7)  # the digit's outline, for orientation
         axes[1, column].set_xticks([])
         axes[1, column].set_yticks([])
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("saliency")
-    figure.suptitle("What the network looks at (SmoothGrad of the predicted digit's score)")
+    figure.suptitle("What the network looks at: bright = pixels that move the predicted "
+                    "digit's score most (SmoothGrad); cyan = the digit's outline")
     return figure
 
 
@@ -1275,8 +1277,10 @@ def plot_recipe(photos, all_steps, probabilities=None):
     titles = ["1. photo", "2. grey", "3. inverted", "4. ink only", "5. cropped", "6. 28x28"]
     rows = len(photos)
     columns = len(titles) + (1 if probabilities is not None else 0)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.1 * rows),
-                                squeeze=False)
+    ratios = [1] * len(titles) + ([1.6] if probabilities is not None else [])
+    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows),
+                                squeeze=False, gridspec_kw={"width_ratios": ratios},
+                                layout="constrained")
     for row, (photo, steps) in enumerate(zip(photos, all_steps)):
         axes[row, 0].imshow(photo)
         for column, name in enumerate(names, start=1):

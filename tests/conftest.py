@@ -1,0 +1,64 @@
+"""Shared helpers: where the script and the data are, how to run the script, and one quick
+training run that the smoke, notebook and --predict tests share (training once keeps the whole
+suite to a few minutes on a 2-core CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "cnn_mnist_classifier.py")
+sys.path.insert(0, ROOT)
+
+
+def find_data_dir():
+    """MNIST_DATA_DIR, else ../shared/mnist beside the project; None means Keras' cache."""
+    candidates = [os.environ.get("MNIST_DATA_DIR"), os.path.join(ROOT, "..", "shared", "mnist")]
+    for candidate in candidates:
+        if candidate and os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+DATA_DIR = find_data_dir()
+DATA_ARGS = ["--data-dir", DATA_DIR] if DATA_DIR else []
+
+EXPECTED_FIGURES = [
+    "01_sample_images.png", "02_class_distribution.png", "03_preprocessing.png",
+    "04_augmentation.png", "05_training_history.png", "06_confusion_matrix.png",
+    "07_predictions.png", "08_confidence.png", "09_filters.png", "10_feature_maps.png",
+    "11_saliency.png", "12_mistakes.png", "13_your_digit_recipe.png",
+]
+METRIC_KEYS = [
+    "test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs",
+    "training_seconds", "parameters", "device", "tensorflow_version", "keras_version", "seed",
+    "data_source", "peak_memory_mb",
+]
+
+
+def run_script(args, env_overrides=None, timeout=600, cwd=None):
+    """Run the tutorial as a user would; return the CompletedProcess (text output)."""
+    env = dict(os.environ)
+    env.update(env_overrides or {})
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One real `--quick` run on real MNIST: (completed process, output folder, metrics)."""
+    output_dir = tmp_path_factory.mktemp("quick_outputs")
+    completed = run_script(["--quick", "--no-show", "--output-dir", str(output_dir), *DATA_ARGS])
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    with open(output_dir / "metrics.json", encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    return completed, output_dir, metrics
+
+
+@pytest.fixture(scope="session")
+def tutorial():
+    """The script imported as a module: its helpers, without running the tutorial."""
+    import cnn_mnist_classifier
+    return cnn_mnist_classifier

@@ -1,0 +1,161 @@
+"""The MNIST readers: good files load, and every kind of bad file gives a plain message."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+
+def idx_images(images, magic=0x803):
+    count, rows, cols = images.shape
+    header = b"".join(n.to_bytes(4, "big") for n in (magic, count, rows, cols))
+    return header + images.astype(np.uint8).tobytes()
+
+
+def idx_labels(labels, magic=0x801):
+    return magic.to_bytes(4, "big") + len(labels).to_bytes(4, "big") + \
+        labels.astype(np.uint8).tobytes()
+
+
+def write_mnist_folder(folder, train=12, test=5, compress=True, **overrides):
+    """Write a tiny but well-formed MNIST in IDX format; `overrides` replaces a file's bytes."""
+    rng = np.random.default_rng(0)
+    contents = {
+        "train-images-idx3-ubyte": idx_images(rng.integers(0, 256, (train, 28, 28))),
+        "train-labels-idx1-ubyte": idx_labels(rng.integers(0, 10, train)),
+        "t10k-images-idx3-ubyte": idx_images(rng.integers(0, 256, (test, 28, 28))),
+        "t10k-labels-idx1-ubyte": idx_labels(rng.integers(0, 10, test)),
+    }
+    contents.update({name.replace("_", "-"): data for name, data in overrides.items()})
+    os.makedirs(folder, exist_ok=True)
+    for name, data in contents.items():
+        if compress:
+            with gzip.open(os.path.join(folder, name + ".gz"), "wb") as handle:
+                handle.write(data)
+        else:
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(data)
+    return contents
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_folder_loads(tutorial, tmp_path, compress):
+    contents = write_mnist_folder(tmp_path, compress=compress)
+    (x_train, y_train, x_test, y_test), source = tutorial.load_mnist_from_folder(str(tmp_path))
+    assert x_train.shape == (12, 28, 28) and x_train.dtype == np.uint8
+    assert y_train.shape == (12,) and x_test.shape == (5, 28, 28) and y_test.shape == (5,)
+    assert x_train.tobytes() == contents["train-images-idx3-ubyte"][16:]
+    assert "IDX" in source
+
+
+def test_idx_dotted_file_names_are_accepted(tutorial, tmp_path):
+    write_mnist_folder(tmp_path, compress=False)
+    for name in os.listdir(tmp_path):
+        os.rename(tmp_path / name, tmp_path / name.replace("-idx", ".idx"))
+    (x_train, _, _, _), _ = tutorial.load_mnist_from_folder(str(tmp_path))
+    assert len(x_train) == 12
+
+
+def test_truncated_idx_file_is_reported(tutorial, tmp_path):
+    good = idx_images(np.zeros((12, 28, 28)))
+    write_mnist_folder(tmp_path, train_images_idx3_ubyte=good[:-100])
+    with pytest.raises(tutorial.DataError, match="truncated"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_truncated_gzip_is_reported(tutorial, tmp_path):
+    write_mnist_folder(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(tutorial.DataError, match="gzip"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_wrong_magic_number_is_reported(tutorial, tmp_path):
+    write_mnist_folder(tmp_path, t10k_labels_idx1_ubyte=idx_labels(np.zeros(5), magic=0x1234))
+    with pytest.raises(tutorial.DataError, match="magic number"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_wrong_image_size_is_reported(tutorial, tmp_path):
+    write_mnist_folder(tmp_path, train_images_idx3_ubyte=idx_images(np.zeros((12, 32, 32))))
+    with pytest.raises(tutorial.DataError, match="28x28"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_counts_that_disagree_are_reported(tutorial, tmp_path):
+    write_mnist_folder(tmp_path, train_labels_idx1_ubyte=idx_labels(np.zeros(11)))
+    with pytest.raises(tutorial.DataError, match="counts must agree"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_label_out_of_range_is_reported(tutorial, tmp_path):
+    write_mnist_folder(tmp_path, t10k_labels_idx1_ubyte=idx_labels(np.full(5, 12)))
+    with pytest.raises(tutorial.DataError, match="0-9"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_missing_files_are_named(tutorial, tmp_path):
+    write_mnist_folder(tmp_path)
+    os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(tutorial.DataError, match="train-labels-idx1-ubyte.gz"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_npz_loads(tutorial, tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 8), x_test=np.zeros((3, 28, 28), np.uint8),
+             y_test=np.arange(3))
+    (x_train, y_train, x_test, y_test), source = tutorial.load_mnist_from_folder(str(tmp_path))
+    assert x_train.shape == (8, 28, 28) and list(y_test) == [0, 1, 2]
+    assert source.endswith("mnist.npz")
+
+
+def test_npz_with_missing_key_is_reported(tutorial, tmp_path):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((2, 28, 28), np.uint8),
+             y_train=np.zeros(2, np.uint8))
+    with pytest.raises(tutorial.DataError, match="x_test"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_npz_with_pickled_objects_is_refused(tutorial, tmp_path):
+    objects = np.array([{"not": "an image"}] * 2, dtype=object)
+    np.savez(tmp_path / "mnist.npz", x_train=objects, y_train=objects, x_test=objects,
+             y_test=objects)
+    with pytest.raises(tutorial.DataError, match="not a readable mnist.npz"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_npz_with_disagreeing_counts_is_reported(tutorial, tmp_path):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 28, 28), np.uint8),
+             y_train=np.zeros(3, np.uint8), x_test=np.zeros((2, 28, 28), np.uint8),
+             y_test=np.zeros(2, np.uint8))
+    with pytest.raises(tutorial.DataError, match="counts must agree"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_bad_data_folder_ends_the_run_with_a_message_not_a_traceback(tmp_path):
+    good = idx_images(np.zeros((12, 28, 28)))
+    write_mnist_folder(tmp_path / "data", train_images_idx3_ubyte=good[:1000])
+    completed = run_script(["--quick", "--no-show", "--data-dir", str(tmp_path / "data"),
+                            "--output-dir", str(tmp_path / "out")])
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "truncated" in completed.stderr and "--data-dir" in completed.stderr
+
+
+def test_no_network_gives_a_clear_message(tmp_path):
+    """No local data and no way to download: say so and say what to do (no network used)."""
+    blackhole = "http://127.0.0.1:9"  # nothing listens there: every download fails at once
+    env = {"KERAS_HOME": str(tmp_path / "keras_home"), "MNIST_DATA_DIR": "",
+           "HTTPS_PROXY": blackhole, "HTTP_PROXY": blackhole, "https_proxy": blackhole,
+           "http_proxy": blackhole, "NO_PROXY": "", "no_proxy": ""}
+    completed = run_script(["--quick", "--no-show", "--output-dir", str(tmp_path / "out")],
+                           env_overrides=env, timeout=300)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "could not download MNIST" in completed.stderr
+    assert "--data-dir" in completed.stderr

@@ -1,0 +1,135 @@
+"""Reading the user's own digits (--predict), and the saliency maps."""
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DATA_DIR, run_script
+
+
+def photograph(digit, rng, dark_on_light=True, rgba=False):
+    """Make a 28x28 MNIST digit look like a user's picture, independently of the tutorial's
+    own demo: enlarged 4-9x, dark ink on uneven light paper (or the reverse), camera noise,
+    somewhere on a larger canvas, in colour."""
+    scale = int(rng.integers(4, 10))
+    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale),
+                                                   Image.Resampling.BICUBIC), np.float32) / 255
+    height, width = int(rng.integers(300, 500)), int(rng.integers(300, 600))
+    ink = np.zeros((height, width), np.float32)
+    top = int(rng.integers(0, height - big.shape[0]))
+    left = int(rng.integers(0, width - big.shape[1]))
+    ink[top:top + big.shape[0], left:left + big.shape[1]] = big.clip(0, 1)
+    ys, xs = np.mgrid[0:height, 0:width]
+    light = 0.7 + 0.2 * xs / width - 0.1 * ys / height  # a lamp on one side
+    if dark_on_light:
+        grey = light * (1 - 0.8 * ink)
+    else:
+        grey = 0.1 + 0.1 * xs / width + 0.7 * ink
+    grey = grey + rng.normal(0, 0.04, grey.shape)
+    rgb = np.clip(grey[..., None] * np.array([1.0, 0.95, 0.85]), 0, 1)
+    if rgba:  # dark ink drawn on a transparent layer, as drawing apps export it
+        alpha = (ink * 255).astype(np.uint8)
+        black = np.zeros((height, width, 3), np.uint8)
+        return Image.fromarray(np.dstack([black, alpha]), "RGBA")
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def test_digits(tutorial):
+    _, _, x_test, y_test = tutorial.load_mnist(DATA_DIR)[0]
+    rng = np.random.default_rng(7)
+    indices = rng.choice(len(x_test), 60, replace=False)
+    return x_test[indices], y_test[indices]
+
+
+def correlation(a, b):
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_preprocessing_recovers_mnist_digits_from_photos(tutorial, test_digits, tmp_path):
+    images, _ = test_digits
+    rng = np.random.default_rng(0)
+    scores = []
+    for number, digit in enumerate(images):
+        variant = number % 4
+        photo = photograph(digit, rng, dark_on_light=variant != 2, rgba=variant == 3)
+        path = tmp_path / f"photo{number}.{'jpg' if variant == 1 else 'png'}"
+        photo.save(path, quality=85) if variant == 1 else photo.save(path)
+        prepared, _ = tutorial.prepare_digit_file(str(path))
+        assert prepared.shape == (28, 28) and prepared.dtype == np.float32
+        assert 0 <= prepared.min() and prepared.max() <= 1
+        scores.append(correlation(prepared, digit.astype(np.float32) / 255))
+    scores = np.array(scores)
+    assert np.mean(scores > 0.8) >= 0.9, np.round(np.sort(scores), 2)
+    assert np.median(scores) > 0.9, np.round(np.sort(scores), 2)
+
+
+def test_predict_reads_photos_and_reports_bad_inputs(quick_run, test_digits, tmp_path):
+    _, output_dir, _ = quick_run
+    images, labels = test_digits
+    rng = np.random.default_rng(1)
+    good = []
+    for number, digit in enumerate(images[:20]):
+        path = tmp_path / f"digit{number}.{'jpg' if number % 2 else 'png'}"
+        photograph(digit, rng).save(path)
+        good.append(str(path))
+    (tmp_path / "notes.png").write_text("this is text, not a picture")
+    blank = np.clip(np.random.default_rng(2).normal(200, 3, (300, 400)), 0, 255)
+    Image.fromarray(blank.astype(np.uint8)).save(tmp_path / "blank.png")
+    Image.new("L", (6000, 5000), 255).save(tmp_path / "huge.png")
+    bad = {"missing.png": "file not found", "notes.png": "not an image",
+           "blank.png": "no ink", "huge.png": "megapixels"}
+    paths = good[:10] + [str(tmp_path / name) for name in bad] + good[10:]
+    results_dir = tmp_path / "predictions"
+    completed = run_script(["--predict", *paths, "--model", str(output_dir / "mnist_cnn.keras"),
+                            "--output-dir", str(results_dir), "--no-show"])
+    assert completed.returncode == 1  # some images failed
+    assert "Traceback" not in completed.stderr
+    for name, problem in bad.items():
+        lines = [line for line in completed.stderr.splitlines() if name in line]
+        assert len(lines) == 1 and problem in lines[0], completed.stderr
+    with open(results_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == good
+    assert set(rows[0]) == {"path", "prediction", "confidence"} | {f"p{d}" for d in range(10)}
+    for row in rows:
+        assert abs(sum(float(row[f"p{d}"]) for d in range(10)) - 1) < 1e-3
+    right = sum(int(row["prediction"]) == label for row, label in zip(rows, labels[:20]))
+    assert right >= 14, f"only {right} of 20 photographed digits read right"
+    for path in good:
+        assert path in completed.stdout
+    assert (results_dir / "predictions.png").stat().st_size > 10_000
+
+
+def test_predict_without_a_model_says_to_train_first(tmp_path):
+    image = tmp_path / "digit.png"
+    Image.new("L", (50, 50), 0).save(image)
+    completed = run_script(["--predict", str(image), "--output-dir", str(tmp_path / "empty")])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "no trained model" in completed.stderr and "Train one first" in completed.stderr
+
+
+def test_predict_with_a_file_that_is_not_a_model_is_refused(tmp_path):
+    fake_model = tmp_path / "mnist_cnn.keras"
+    fake_model.write_text("import os; os.system('echo pwned')")
+    image = tmp_path / "digit.png"
+    Image.new("L", (50, 50), 0).save(image)
+    completed = run_script(["--predict", str(image), "--model", str(fake_model)])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "is not a Keras model" in completed.stderr
+
+
+def test_saliency_maps_have_the_image_shape_and_show_structure(tutorial, quick_run, test_digits):
+    import keras
+    _, output_dir, _ = quick_run
+    model = keras.saving.load_model(str(output_dir / "mnist_cnn.keras"))
+    images = tutorial.preprocess_images(test_digits[0][:4])
+    classes = model.predict(images, verbose=0).argmax(axis=1)
+    maps = tutorial.saliency_maps(model, images, classes, samples=8)
+    assert maps.shape == (4, 28, 28)
+    assert np.all(np.isfinite(maps))
+    for saliency in maps:
+        assert saliency.std() > 0.01 and saliency.max() == pytest.approx(1.0)
+    assert (output_dir / "11_saliency.png").stat().st_size > 10_000
