@@ -18,7 +18,7 @@ def test_quick_run_writes_every_figure_and_learns(quick_run):
         path = output_dir / name
         assert path.is_file() and path.stat().st_size > 10_000, f"{name} missing or empty"
         with Image.open(path) as image:
-            assert image.format == "PNG" and min(image.size) >= 200
+            assert image.format == "PNG" and min(image.size) >= 150
     assert not list(output_dir.glob("*.partial*")), "a temporary file was left behind"
     for key in METRIC_KEYS:
         assert key in metrics, f"metrics.json lacks {key}"
@@ -81,11 +81,11 @@ def test_runs_as_one_notebook_cell_and_repeats_the_same_numbers(quick_run, tmp_p
 
 
 def test_mirrored_strategy_path_runs_on_a_cpu_split_in_two(tmp_path):
-    completed = run_script(["--epochs", "1", "--train-subset", "1000", "--cpu-replicas", "2",
+    completed = run_script(["--epochs", "2", "--train-subset", "3000", "--cpu-replicas", "2",
                             "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS])
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "MirroredStrategy: 2 copies" in completed.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["device"] == "CPU split into 2 devices"
     assert metrics["reload_predictions_match"] is True
-    assert metrics["test_accuracy"] > 0.3  # 8 steps on 900 images: learning, not chance
+    assert metrics["test_accuracy"] > 0.5  # 44 steps on 2,700 images: learning, not chance
