@@ -16,7 +16,10 @@ Run it:
 or paste the whole file into one Google Colab cell and run it. Everything it makes goes to
 `outputs/`: numbered figures, `history.csv`, `metrics.json` and `mnist_cnn.keras`.
 
-HEADER_RESULTS
+Measured on a 2-core Intel Xeon CPU, no GPU (tests/benchmark.py, README.md has the table):
+the default run (10 epochs) reaches 99.54%, 99.39% and 99.53% test accuracy with seeds 1, 2, 3
+(median 99.53%) in about 3 minutes of training (19 s per epoch); `--epochs 3` 99.23%,
+`--epochs 1` 98.89%, `--quick` about 95% in a minute. Peak memory about 1.5 GB.
 """
 
 # %% [markdown]
@@ -683,6 +686,12 @@ if TRAINING:
 #
 # Because the schedule is defined over the *total* number of steps, the same recipe fits a
 # 1-epoch run and a 10-epoch run: each ends with small, careful steps.
+#
+# How these numbers were chosen, on the validation images only: for one epoch, a peak of
+# 1.5e-3, 3e-3 and 6e-3 scored 98.05%, 98.42% and 98.57% (with augmentation, 10% warm-up);
+# then a 30% warm-up beat 10% and 2% (98.95% against 98.73% and 98.67%, no augmentation).
+# For 10 epochs, 6e-3 matched or beat 3e-3 (99.38% and 99.43% against 99.35% and 99.42%, two
+# seeds). `tests/benchmark.py --sweep` reruns such comparisons.
 
 # %%
 def make_learning_rate_schedule(total_steps, peak_learning_rate, warmup_fraction):
@@ -822,7 +831,8 @@ def plot_confusion_matrix(matrix):
     axis.set_yticks(range(10))
     axis.set_xlabel("predicted digit")
     axis.set_ylabel("true digit")
-    axis.set_title(f"Confusion matrix on the test set ({matrix.trace():,} of {matrix.sum():,} right)")
+    axis.set_title(f"Confusion matrix on the test set "
+                   f"({matrix.trace():,} of {matrix.sum():,} right)")
     return figure
 
 

@@ -2,8 +2,8 @@
 
 Not collected by pytest (the name does not start with test_). Run by hand from the project root:
 
-    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py            # full: about 30 min on 2 CPU cores
-    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py --short    # quick check: about 2 min
+    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py          # full: ~30 min, 2 CPU cores
+    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py --short  # quick check: ~2 min
 
 Each configuration trains in its own fresh Python process (so peak memory and timings do not
 leak between runs) on the same data split.
