@@ -876,6 +876,17 @@ def pick_examples(true_labels, predictions, right=3, wrong=3):
     return np.concatenate([right_idx, wrong_idx]).astype(int)
 
 
+def show_probabilities(axis, probabilities, color="tab:blue", title=None):
+    """The ten probabilities as bars, the predicted digit's bar in `color`."""
+    bars = axis.bar(range(10), probabilities, color="lightgray")
+    bars[int(np.argmax(probabilities))].set_color(color)
+    axis.set_ylim(0, 1)
+    axis.set_xticks(range(10))
+    axis.tick_params(labelsize=7)
+    if title is not None:
+        axis.set_title(title, fontsize=9)
+
+
 def plot_probability_bars(images, probabilities, titles, colors):
     count = len(images)
     figure, axes = plt.subplots(2, count, figsize=(2.3 * count, 4.6),
@@ -884,11 +895,7 @@ def plot_probability_bars(images, probabilities, titles, colors):
     for column, (image, probs, title, color) in enumerate(zip(images, probabilities, titles,
                                                               colors)):
         show_digit(axes[0, column], image, title, color)
-        bars = axes[1, column].bar(range(10), probs, color="lightgray")
-        bars[int(np.argmax(probs))].set_color(color)
-        axes[1, column].set_ylim(0, 1)
-        axes[1, column].set_xticks(range(10))
-        axes[1, column].tick_params(labelsize=7)
+        show_probabilities(axes[1, column], probs, color)
     axes[1, 0].set_ylabel("probability")
     return figure
 
@@ -1344,13 +1351,9 @@ def plot_recipe(photos, all_steps, probabilities=None):
             if row == 0:
                 axes[row, column].set_title(titles[column], fontsize=9)
         if probabilities is not None:
-            axis = axes[row, -1]
-            axis.bar(range(10), probabilities[row], color="tab:blue")
-            axis.set_ylim(0, 1)
-            axis.set_xticks(range(10))
-            axis.tick_params(labelsize=7)
-            predicted = int(np.argmax(probabilities[row]))
-            axis.set_title(f"reads {predicted} ({probabilities[row][predicted]:.0%})", fontsize=9)
+            probs = probabilities[row]
+            show_probabilities(axes[row, -1], probs,
+                               title=f"reads {int(probs.argmax())} ({probs.max():.0%})")
     figure.suptitle("Your digit, the MNIST way: grey, invert, ink only, crop, 20 px, centre")
     return figure
 
@@ -1372,8 +1375,8 @@ if TRAINING:
         uploaded = files.upload()
         for name, content in uploaded.items():
             try:
-                digit, _ = prepare_digit(Image.open(io.BytesIO(content)))
-            except (ImageProblem, OSError, UnidentifiedImageError) as error:
+                digit, _ = prepare_digit(open_image(io.BytesIO(content)))
+            except ImageProblem as error:
                 print(f"{name}: {error}")
                 continue
             probabilities = model.predict(digit[np.newaxis, ..., np.newaxis], verbose=0)[0]
@@ -1420,6 +1423,7 @@ def predict_files(paths, model_path, output_dir):
             failures += 1
             continue
         names.append(path)
+        image.thumbnail((400, 400))  # a small copy is enough for the figure
         photos.append(np.asarray(image.convert("RGB")))
         digits.append(digit)
     if digits:
@@ -1442,11 +1446,8 @@ def predict_files(paths, model_path, output_dir):
             axes[row, 0].imshow(photo)
             axes[row, 0].set_title(os.path.basename(path)[:30], fontsize=9)
             show_digit(axes[row, 1], digit, "what the network sees")
-            axes[row, 2].bar(range(10), probs)
-            axes[row, 2].set_ylim(0, 1)
-            axes[row, 2].set_xticks(range(10))
-            axes[row, 2].set_title(f"reads {int(probs.argmax())} ({probs.max():.0%})",
-                                   fontsize=9)
+            show_probabilities(axes[row, 2], probs,
+                               title=f"reads {int(probs.argmax())} ({probs.max():.0%})")
             axes[row, 0].set_xticks([])
             axes[row, 0].set_yticks([])
         save_figure(figure, "predictions.png", output_dir)
