@@ -780,12 +780,12 @@ if TRAINING:
 # %%
 def plot_history(history, schedule, total_steps, steps_per_epoch):
     epochs = np.arange(1, len(history["loss"]) + 1)
+    best_epoch = int(np.argmax(history["val_accuracy"])) + 1
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for axis, metric in zip(axes, ("accuracy", "loss")):
         axis.plot(epochs, history[metric], "o-", label="training")
         axis.plot(epochs, history[f"val_{metric}"], "o-", label="validation")
-        axis.axvline(int(np.argmax(history["val_accuracy"])) + 1, color="gray", linestyle=":",
-                     label="best validation epoch (kept)")
+        axis.axvline(best_epoch, color="gray", linestyle=":", label="best validation epoch (kept)")
         axis.set_xlabel("epoch")
         axis.set_title(f"{metric} (training: running mean over the epoch, with dropout)"
                        if metric == "accuracy" else metric, fontsize=10)

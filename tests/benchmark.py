@@ -33,6 +33,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def first_epoch_at_99(val_accuracy):
+    """The first epoch (1-based) whose validation accuracy reached 99%, or None."""
+    return next((epoch for epoch, value in enumerate(val_accuracy, 1) if value >= 0.99), None)
+
+
 def worker(config):
     """Train one configuration in this process and print one JSON line with the results."""
     sys.path.insert(0, ROOT)
@@ -77,16 +82,10 @@ def worker(config):
             config.get("warmup", tutorial.WARMUP_FRACTION))
         tutorial.compile_model(model, schedule, config.get("smoothing", tutorial.LABEL_SMOOTHING),
                                on_gpu=False)
-        keep_best = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
-                                                  patience=epochs, restore_best_weights=True)
-        started = time.perf_counter()
-        history = model.fit(dataset, validation_data=(x_val, y_val), epochs=epochs,
-                            shuffle=False, callbacks=[keep_best], verbose=0).history
-        seconds = time.perf_counter() - started
+        history, seconds = tutorial.train(model, dataset, (x_val, y_val), epochs)
 
     _, test_accuracy = model.evaluate(x_test, keras.utils.to_categorical(y_test, 10),
                                       batch_size=512, verbose=0)
-    reached = [i + 1 for i, v in enumerate(history["val_accuracy"]) if v >= 0.99]
     print("RESULT " + json.dumps({
         **config,
         "train_seconds": round(seconds, 1),
@@ -94,7 +93,7 @@ def worker(config):
         "val_accuracy": [round(v, 5) for v in history["val_accuracy"]],
         "best_val_accuracy": round(max(history["val_accuracy"]), 5),
         "test_accuracy": round(float(test_accuracy), 5),
-        "first_epoch_val_99": reached[0] if reached else None,
+        "first_epoch_val_99": first_epoch_at_99(history["val_accuracy"]),
         "peak_memory_mb": tutorial.peak_memory_mb(),
     }), flush=True)
 
@@ -117,13 +116,12 @@ def run_tutorial(config):
             metrics = json.load(handle)
         with open(os.path.join(output_dir, "history.csv"), encoding="utf-8") as handle:
             val_accuracy = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
-    reached = [i + 1 for i, v in enumerate(val_accuracy) if v >= 0.99]
     return {**config, "train_seconds": round(metrics["training_seconds"], 1),
             "seconds_per_epoch": round(metrics["training_seconds"] / config["epochs"], 1),
             "val_accuracy": [round(v, 5) for v in val_accuracy],
             "best_val_accuracy": round(max(val_accuracy), 5),
             "test_accuracy": metrics["test_accuracy"],
-            "first_epoch_val_99": reached[0] if reached else None,
+            "first_epoch_val_99": first_epoch_at_99(val_accuracy),
             "peak_memory_mb": metrics["peak_memory_mb"]}
 
 
