@@ -58,7 +58,7 @@ OVERFIT_EPOCHS = 30         # 8 with --quick
 # Output
 OUTPUT_DIR = "outputs"      # --output-dir: figures, history.csv, metrics.json, the model
 MODEL_FILENAME = "mnist_cnn.keras"
-SHOW_FIGURES = True         # --no-show turns it off: a script with a screen opens windows
+SHOW_FIGURES = True         # a script with a screen opens windows (off: flag --no-show)
 
 
 # %% [markdown]
@@ -270,6 +270,7 @@ def load_definitions(path):
 
 if RUNNING:
     settings = parse_settings(sys.argv[1:], in_notebook=IN_NOTEBOOK)
+    prepare_output_dir(settings.output_dir)
     stop_quietly_on_ctrl_c()
 BACKEND = chosen_backend()
 if RUNNING and settings.cpu:  # hide every GPU from every backend, before it starts
@@ -294,8 +295,6 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 if RUNNING and settings.predict and not IN_NOTEBOOK:  # no lesson: section 19 reads the images
     sys.exit(load_definitions(__file__).predict_files(settings.predict, settings.model,
                                                       settings.output_dir))
-if RUNNING:
-    prepare_output_dir(settings.output_dir)
 
 
 # %% [markdown]

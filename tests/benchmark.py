@@ -1,141 +1,162 @@
-"""Benchmark: the tutorial's training recipe against a plain `model.fit`, side by side.
+"""Benchmark: the tutorial's recipe, one ingredient at a time, against a plain `model.fit`.
 
-Not collected by pytest (the name does not start with test_). Run by hand from the project root:
+Not collected by pytest (the name does not start with test_). Run by hand from the project root,
+with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
 
-    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py          # full: ~30 min, 2 CPU cores
-    MNIST_DATA_DIR=../shared/mnist python tests/benchmark.py --short  # quick check: ~2 min
+    python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> +best
+    python tests/benchmark.py --exercises     # the "Try this" variants, 1 epoch, seed 1
+    python tests/benchmark.py --backends tensorflow jax torch   # the tutorial itself per backend
+    python tests/benchmark.py --jit           # compiled (XLA) or not, per backend, on this CPU
+    python tests/benchmark.py --short         # a 2-minute check
 
-Each configuration trains in its own fresh Python process (so peak memory and timings do not
-leak between runs) on the same data split.
+Every configuration trains in its own fresh Python process, one after the other, on the same
+data split, and reports wall-clock and CPU seconds (CPU time is steadier on a shared machine),
+validation and test accuracy at the last epoch and at the best validation epoch. Choices in the
+tutorial are made on validation accuracy only; test accuracy is reported, never used to choose.
 
-* "reference": the tutorial's architecture trained the plain way: Adam at a constant 1e-3,
-  batch 128, BatchNorm's default momentum, no augmentation, the final epoch's weights.
-* "tutorial": `cnn_mnist_classifier.py` itself, run as a user runs it (`--seed N --epochs E`),
-  its numbers read from the metrics.json and history.csv it writes. Its recipe: warm-up + cosine
-  learning rate, BatchNorm momentum set from the run length, shift/rotation augmentation from
-  5 epochs on, the best validation epoch kept.
-* "recipe" (only with --sweep, used to choose the recipe): the same recipe rebuilt in-process
-  from the tutorial's helpers, with one ingredient changed (peak_lr, warmup, rotation, shift,
-  smoothing, bn_momentum, augment_from). Choices were made on the validation accuracy only.
-
-The table shows: epochs, training seconds, seconds per epoch, test accuracy, the first epoch at
-which validation accuracy reached 99%, and peak resident memory of the process. It is printed
-and written as JSON (default benchmark.json).
+* "plain": the tutorial's architecture trained the plain way: Adam at a constant 1e-3, batch
+  128, BatchNorm's default momentum 0.99, no augmentation, `model.fit` on the arrays.
+* "recipe": the tutorial's own helpers (its batches, schedule, BatchNorm rule, callback), with
+  the ingredients switched on or off by the configuration.
+* "tutorial": `cnn_mnist_classifier.py` itself, run as a user runs it.
+Results are printed and written as JSON (default benchmark.json).
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "cnn_mnist_classifier.py")
 
 
-def first_epoch_at_99(val_accuracy):
-    """The first epoch (1-based) whose validation accuracy reached 99%, or None."""
-    return next((epoch for epoch, value in enumerate(val_accuracy, 1) if value >= 0.99), None)
+def load_tutorial():
+    """The tutorial's definitions, without running its lesson (its own load_definitions)."""
+    import ast
+    with open(SCRIPT, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    loader = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or
+              getattr(node, "name", "") == "load_definitions"]
+    namespace = {}
+    exec(compile(ast.Module(loader, type_ignores=[]), SCRIPT, "exec"), namespace)
+    return namespace["load_definitions"](SCRIPT)
 
 
 def worker(config):
     """Train one configuration in this process and print one JSON line with the results."""
-    sys.path.insert(0, ROOT)
-    import numpy as np
-    import cnn_mnist_classifier as tutorial
+    tutorial = load_tutorial()
     import keras
-    import tensorflow as tf
-
-    seed, epochs, kind = config["seed"], config["epochs"], config["kind"]
-    batch_size = config.get("batch_size", tutorial.BATCH_SIZE)
+    import numpy as np
+    seed, epochs = config["seed"], config["epochs"]
+    batch_size = tutorial.BATCH_SIZE
     keras.utils.set_random_seed(seed)
-    (x_train_all, y_train_all, x_test_raw, y_test), _ = tutorial.load_mnist(
-        os.environ.get("MNIST_DATA_DIR"))
+    if tutorial.BACKEND == "tensorflow" and config["kind"] == "recipe":
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()  # as the tutorial does on a CPU
+    (x_all, y_all, x_test_raw, y_test), _ = tutorial.load_mnist(os.environ.get("MNIST_DATA_DIR"))
     (train_images, train_labels), (val_images, val_labels) = tutorial.split_train_validation(
-        x_train_all, y_train_all, tutorial.VALIDATION_SPLIT, config.get("subset"), seed)
+        x_all, y_all, tutorial.VALIDATION_SPLIT, config.get("subset"), seed)
     x_train, x_val, x_test = (tutorial.preprocess_images(a)
                               for a in (train_images, val_images, x_test_raw))
-    y_train = keras.utils.to_categorical(train_labels, 10)
-    y_val = keras.utils.to_categorical(val_labels, 10)
+    y_train, y_val, y_test_onehot = (keras.utils.to_categorical(a, 10)
+                                     for a in (train_labels, val_labels, y_test))
     steps_per_epoch = -(-len(x_train) // batch_size)
     total_steps = steps_per_epoch * epochs
-
-    if kind == "reference":
-        model = tutorial.build_model()  # BatchNorm's default momentum 0.99
+    variant = config.get("variant", "")
+    momentum = 0.99 if config.get("bn") == "default" else tutorial.batchnorm_momentum_for(total_steps)
+    if variant == "dense":
+        model = tutorial.build_dense_model()
+    else:
+        model = tutorial.build_model(momentum, padding="same" if variant == "same" else "valid",
+                                     batchnorm=variant != "no_bn", pooling=variant != "no_pool")
+    jit = {"on": True, "off": False}.get(config.get("jit"), tutorial.BACKEND == "jax")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if config["kind"] == "plain":
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
-                      metrics=["accuracy"])
-        started = time.perf_counter()
+                      metrics=["accuracy"], jit_compile=jit)
         history = model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
                             validation_data=(x_val, y_val), verbose=0).history
-        seconds = time.perf_counter() - started
+        best_weights = None
     else:
-        tf.config.experimental.enable_op_determinism()  # as the tutorial does on a CPU
-        augmenter = tutorial.make_augmenter(config.get("rotation", tutorial.MAX_ROTATION_DEGREES),
-                                            config.get("shift", tutorial.MAX_SHIFT_PIXELS), seed)
-        if epochs < config.get("augment_from", tutorial.AUGMENT_FROM_EPOCHS):
-            augmenter = None  # the tutorial's rule: short runs train on the plain images
-        dataset = tutorial.make_training_dataset(x_train, y_train, batch_size, seed, augmenter)
-        model = tutorial.build_model(config.get("bn_momentum",
-                                                tutorial.batchnorm_momentum_for(total_steps)))
-        schedule = tutorial.make_learning_rate_schedule(
-            total_steps, config.get("peak_lr", tutorial.PEAK_LEARNING_RATE),
-            config.get("warmup", tutorial.WARMUP_FRACTION))
-        tutorial.compile_model(model, schedule, config.get("smoothing", tutorial.LABEL_SMOOTHING),
-                               on_gpu=False)
-        history, seconds = tutorial.train(model, dataset, (x_val, y_val), epochs)
-
-    _, test_accuracy = model.evaluate(x_test, keras.utils.to_categorical(y_test, 10),
-                                      batch_size=512, verbose=0)
+        peak = tutorial.PEAK_LEARNING_RATE * config.get("lr_factor", 1)
+        if config.get("schedule", "warmup_cosine") == "warmup_cosine":
+            schedule = tutorial.make_learning_rate_schedule(total_steps, peak,
+                                                            tutorial.WARMUP_FRACTION)
+        else:
+            schedule = 1e-3
+        tutorial.compile_model(model, schedule, tutorial.LABEL_SMOOTHING, jit)
+        augment = ((tutorial.MAX_ROTATION_DEGREES, tutorial.MAX_SHIFT_PIXELS)
+                   if config.get("augment") else (0, 0))
+        batches = tutorial.TrainingBatches(x_train, y_train, batch_size, seed, *augment)
+        keep_best = tutorial.KeepBestWeights()
+        history = model.fit(tutorial.make_training_data(batches, epochs),
+                            validation_data=(x_val, y_val), epochs=epochs,
+                            steps_per_epoch=len(batches), shuffle=False, callbacks=[keep_best],
+                            verbose=0).history
+        best_weights = keep_best.best_weights
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    _, last_test = model.evaluate(x_test, y_test_onehot, batch_size=500, verbose=0)
+    best_epoch = int(np.argmax(history["val_accuracy"])) + 1
+    best_test = last_test
+    if best_weights is not None:
+        model.set_weights(best_weights)
+        _, best_test = model.evaluate(x_test, y_test_onehot, batch_size=500, verbose=0)
     print("RESULT " + json.dumps({
-        **config,
-        "train_seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / epochs, 1),
+        **config, "backend": tutorial.BACKEND, "train_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1), "seconds_per_epoch": round(seconds / epochs, 2),
         "val_accuracy": [round(v, 5) for v in history["val_accuracy"]],
-        "best_val_accuracy": round(max(history["val_accuracy"]), 5),
-        "test_accuracy": round(float(test_accuracy), 5),
-        "first_epoch_val_99": first_epoch_at_99(history["val_accuracy"]),
-        "peak_memory_mb": tutorial.peak_memory_mb(),
+        "last_val_accuracy": round(history["val_accuracy"][-1], 5),
+        "best_val_accuracy": round(max(history["val_accuracy"]), 5), "best_epoch": best_epoch,
+        "last_test_accuracy": round(float(last_test), 5),
+        "best_test_accuracy": round(float(best_test), 5),
+        "parameters": int(model.count_params()), "peak_memory_mb": tutorial.peak_memory_mb(),
     }), flush=True)
 
 
 def run_tutorial(config):
     """Run cnn_mnist_classifier.py itself, exactly as a user would, and read what it wrote."""
-    import csv
-    import tempfile
     with tempfile.TemporaryDirectory() as output_dir:
-        command = [sys.executable, os.path.join(ROOT, "cnn_mnist_classifier.py"),
-                   "--seed", str(config["seed"]), "--epochs", str(config["epochs"]),
-                   "--output-dir", output_dir, "--no-show"]
+        command = [sys.executable, SCRIPT, "--seed", str(config["seed"]), "--epochs",
+                   str(config["epochs"]), "--output-dir", output_dir, "--no-show"]
         if os.environ.get("MNIST_DATA_DIR"):
             command += ["--data-dir", os.environ["MNIST_DATA_DIR"]]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        env = dict(os.environ, KERAS_BACKEND=config.get("backend", "tensorflow"))
+        started = time.perf_counter()
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+        whole_run = time.perf_counter() - started
         if completed.returncode != 0:
             sys.stderr.write(completed.stderr[-3000:])
             raise SystemExit(f"the tutorial failed for {config} (exit {completed.returncode})")
         with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as handle:
             metrics = json.load(handle)
-        with open(os.path.join(output_dir, "history.csv"), encoding="utf-8") as handle:
-            val_accuracy = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
-    return {**config, "train_seconds": round(metrics["training_seconds"], 1),
-            "seconds_per_epoch": round(metrics["training_seconds"] / config["epochs"], 1),
-            "val_accuracy": [round(v, 5) for v in val_accuracy],
-            "best_val_accuracy": round(max(val_accuracy), 5),
-            "test_accuracy": metrics["test_accuracy"],
-            "first_epoch_val_99": first_epoch_at_99(val_accuracy),
-            "peak_memory_mb": metrics["peak_memory_mb"]}
+    return {**config, "whole_run_seconds": round(whole_run, 1),
+            "train_seconds": metrics["training_seconds"],
+            "seconds_per_epoch": metrics["seconds_per_epoch"],
+            "best_val_accuracy": metrics["best_val_accuracy"], "best_epoch": metrics["best_epoch"],
+            "best_test_accuracy": metrics["test_accuracy"],
+            "overfit": [metrics["overfit_final_train_accuracy"],
+                        metrics["overfit_final_val_accuracy"]],
+            "peak_memory_mb": metrics["peak_memory_mb"], "device": metrics["device"]}
 
 
 def run_config(config):
     """Run one configuration in a fresh process; return its result dictionary."""
     if config["kind"] == "tutorial":
         return run_tutorial(config)
+    env = dict(os.environ, KERAS_BACKEND=config.get("backend", "tensorflow"))
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     sys.stderr.write(completed.stderr[-3000:])
-    raise SystemExit(f"configuration {config} failed (exit {completed.returncode})")
+    print(f"configuration {config} failed (exit {completed.returncode})", flush=True)
+    return {**config, "error": completed.stderr.strip().splitlines()[-1:] or ["failed"]}
 
 
 def cpu_name():
@@ -149,69 +170,87 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def print_table(results):
-    header = (f"{'config':<10} {'seed':>4} {'epochs':>6} {'train s':>8} {'s/epoch':>8} "
-              f"{'test acc':>9} {'val>=99% at':>11} {'peak MB':>8}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        first = r["first_epoch_val_99"] if r["first_epoch_val_99"] is not None else "-"
-        print(f"{r['kind']:<10} {r['seed']:>4} {r['epochs']:>6} {r['train_seconds']:>8.1f} "
-              f"{r['seconds_per_epoch']:>8.1f} {100 * r['test_accuracy']:>8.2f}% "
-              f"{first:>11} {r['peak_memory_mb']:>8.0f}")
+def progression_configs(seeds):
+    configs = []
+    for seed in seeds:
+        configs += [
+            {"kind": "plain", "name": "plain", "seed": seed, "epochs": 10},
+            {"kind": "recipe", "name": "+ warm-up/cosine", "seed": seed, "epochs": 10},
+            {"kind": "recipe", "name": "+ augmentation", "seed": seed, "epochs": 10,
+             "augment": True},
+            {"kind": "recipe", "name": "1 epoch, BN momentum 0.99", "seed": seed, "epochs": 1,
+             "bn": "default"},
+            {"kind": "recipe", "name": "1 epoch, BN momentum rule", "seed": seed, "epochs": 1},
+        ]
+    return configs
+
+
+def summarise(results):
+    """Mean and range over seeds, per configuration name."""
+    by_name = {}
+    for result in (r for r in results if "error" not in r):
+        by_name.setdefault(result["name"], []).append(result)
+    rows = []
+    for name, group in by_name.items():
+        row = {"name": name, "runs": len(group)}
+        for key in ("last_val_accuracy", "last_test_accuracy", "best_val_accuracy",
+                    "best_test_accuracy", "train_seconds", "cpu_seconds"):
+            values = [r[key] for r in group if key in r]
+            if values:
+                row[key] = {"mean": round(statistics.mean(values), 5),
+                            "min": min(values), "max": max(values)}
+        rows.append(row)
+        print(f"{name:<28} runs {len(group)}  " + "  ".join(
+            f"{key} {value['mean']:.4f} [{value['min']:.4f}, {value['max']:.4f}]"
+            for key, value in row.items() if isinstance(value, dict)))
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--short", action="store_true",
-                        help="quick check: seed 1, one epoch of each (about 2 minutes)")
+    parser.add_argument("--progression", action="store_true")
+    parser.add_argument("--exercises", action="store_true")
+    parser.add_argument("--backends", nargs="+", metavar="BACKEND")
+    parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--short", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=10, help="for --backends")
     parser.add_argument("--output", default="benchmark.json", help="where to write the JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sweep", help=argparse.SUPPRESS)  # JSON list of recipe variants
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     if not os.environ.get("MNIST_DATA_DIR"):
         print("note: MNIST_DATA_DIR is not set; the workers will download MNIST with Keras")
-    if args.sweep:
-        configs = json.loads(args.sweep)
-    elif args.short:
-        configs = [{"kind": "reference", "seed": 1, "epochs": 1},
-                   {"kind": "tutorial", "seed": 1, "epochs": 1}]
-    else:
-        configs = []
-        for seed in args.seeds:
-            configs += [{"kind": "reference", "seed": seed, "epochs": 10},
-                        {"kind": "tutorial", "seed": seed, "epochs": 10}]
-        configs += [{"kind": "tutorial", "seed": 1, "epochs": 1},
-                    {"kind": "tutorial", "seed": 1, "epochs": 3}]
+    configs = []
+    if args.progression:
+        configs += progression_configs(args.seeds)
+    if args.exercises:
+        configs += [{"kind": "recipe", "name": f"exercise {variant or 'base'}", "seed": 1,
+                     "epochs": 1, "variant": variant}
+                    for variant in ("", "no_bn", "no_pool", "same", "dense")]
+        configs.append({"kind": "recipe", "name": "exercise lr x10", "seed": 1, "epochs": 1,
+                        "lr_factor": 10})
+    if args.jit:
+        for backend in ("tensorflow", "jax", "torch"):
+            configs += [{"kind": "recipe", "name": f"jit {jit} {backend}", "seed": 1,
+                         "epochs": 1, "subset": 10000, "jit": jit, "backend": backend}
+                        for jit in ("off", "on")]
+    for backend in args.backends or []:
+        configs.append({"kind": "tutorial", "name": f"tutorial {backend}", "seed": 1,
+                        "epochs": args.epochs, "backend": backend})
+    if args.short:
+        configs += [{"kind": "plain", "name": "plain", "seed": 1, "epochs": 1},
+                    {"kind": "recipe", "name": "recipe", "seed": 1, "epochs": 1}]
     results = []
     for config in configs:
         print(f"running {config} ...", flush=True)
         results.append(run_config(config))
         print(f"  -> {json.dumps(results[-1])}", flush=True)
-    print()
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores, "
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}")
-    print_table(results)
-    by_kind = {}
-    for r in results:
-        if r["epochs"] == 10 or args.short or args.sweep:  # the default-settings rows
-            by_kind.setdefault(r["kind"], []).append(r)
-    summary = {}
-    for kind, rows in by_kind.items():
-        accuracies = sorted(r["test_accuracy"] for r in rows)
-        summary[kind] = {"median_test_accuracy": accuracies[len(accuracies) // 2],
-                         "mean_train_seconds": round(sum(r["train_seconds"] for r in rows)
-                                                     / len(rows), 1)}
-    for kind in ("tutorial", "recipe"):
-        if "reference" in summary and kind in summary:
-            summary[f"time_ratio_{kind}_over_reference"] = round(
-                summary[kind]["mean_train_seconds"] / summary["reference"]["mean_train_seconds"],
-                3)
-    print(json.dumps(summary, indent=2))
+    summary = summarise(results)
     with open(args.output, "w", encoding="utf-8") as handle:
         json.dump({"machine": {"processor": cpu_name(), "cores": os.cpu_count(),
                                "python": platform.python_version()},

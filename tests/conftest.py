@@ -27,21 +27,27 @@ DATA_ARGS = ["--data-dir", DATA_DIR] if DATA_DIR else []
 
 EXPECTED_FIGURES = [
     "01_sample_images.png", "02_class_distribution.png", "03_preprocessing.png",
-    "04_augmentation.png", "05_training_history.png", "06_confusion_matrix.png",
-    "07_predictions.png", "08_confidence.png", "09_filters.png", "10_feature_maps.png",
-    "11_saliency.png", "12_mistakes.png", "13_your_digit_recipe.png",
+    "04_augmentation.png", "05_training_history.png", "06_overfitting.png",
+    "07_confusion_matrix.png", "08_predictions.png", "09_confidence.png", "10_filters.png",
+    "11_feature_maps.png", "12_occlusion.png", "13_mistakes.png", "14_your_digit_recipe.png",
 ]
 METRIC_KEYS = [
-    "test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "epochs",
-    "training_seconds", "parameters", "device", "tensorflow_version", "keras_version", "seed",
-    "data_source", "peak_memory_mb",
+    "test_accuracy", "test_loss", "untrained_loss", "best_val_accuracy", "best_epoch", "epochs",
+    "training_seconds", "parameters", "backend", "device", "precision", "jit_compile",
+    "keras_version", "seed", "data_source", "peak_memory_mb", "reload_largest_difference",
 ]
+
+
+def script_env(env_overrides=None):
+    env = dict(os.environ)
+    env.update(env_overrides or {})
+    return {key: value for key, value in env.items() if value is not None}
 
 
 def run_script(args, env_overrides=None, timeout=600, cwd=None):
-    """Run the tutorial as a user would; return the CompletedProcess (text output)."""
-    env = dict(os.environ)
-    env.update(env_overrides or {})
+    """Run the tutorial as a user would; return the CompletedProcess (text output).
+    An override of None removes that variable."""
+    env = script_env(env_overrides)
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or ROOT)
 
@@ -59,6 +65,7 @@ def quick_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tutorial():
-    """The script imported as a module: its helpers, without running the tutorial."""
-    import cnn_mnist_classifier
-    return cnn_mnist_classifier
+    """The script's definitions (helpers, constants), without running the lesson: loaded by
+    the tutorial's own load_definitions, as --predict does."""
+    from benchmark import load_tutorial
+    return load_tutorial()

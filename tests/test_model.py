@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-LAYER_COMMENT = re.compile(r"# -> \(([\d, ]*)\), params (?:([\d*+ ]+) = )?([\d,]+)")
+LAYER_COMMENT = re.compile(r"# (\w+) -> \(([\d, ]*)\), params (?:([\d*+ ]+) = )?([\d,]+)")
 
 
 def test_layer_comments_state_true_shapes_and_parameter_counts(tutorial):
@@ -12,7 +12,8 @@ def test_layer_comments_state_true_shapes_and_parameter_counts(tutorial):
     comments = LAYER_COMMENT.findall(source)
     model = tutorial.build_model()
     assert len(comments) == len(model.layers) == 14
-    for layer, (shape, arithmetic, count) in zip(model.layers, comments):
+    for layer, (name, shape, arithmetic, count) in zip(model.layers, comments):
+        assert layer.name == name
         stated_shape = tuple(int(n) for n in shape.replace(" ", "").split(",") if n)
         assert tuple(layer.output.shape[1:]) == stated_shape, layer.name
         assert layer.count_params() == int(count.replace(",", "")), layer.name
@@ -53,10 +54,81 @@ def test_balanced_subset_has_equal_classes(tutorial):
 
 
 def test_batchnorm_momentum_adapts_to_run_length(tutorial):
-    assert abs(tutorial.batchnorm_momentum_for(43) - 0.767) < 1e-3  # --quick: 43 steps
-    assert tutorial.batchnorm_momentum_for(4220) == 0.99    # default: 10 epochs of 422 steps
-    assert abs(tutorial.batchnorm_momentum_for(422) - 0.976) < 1e-3  # one full epoch
+    """The values section 8 states: 0.767 for --quick's 43 steps, 0.976 for one epoch of 422,
+    0.99 (capped; the rule alone gives 0.9976) for the default 4,220, about 100 steps' memory."""
+    assert abs(tutorial.batchnorm_momentum_for(43) - 0.767) < 1e-3
+    assert abs(tutorial.batchnorm_momentum_for(422) - 0.976) < 1e-3
+    assert tutorial.batchnorm_momentum_for(4220) == 0.99
+    assert round(1 - 10 / 4220, 4) == 0.9976
+    assert round(1 / (1 - tutorial.batchnorm_momentum_for(4220))) == 100
     assert tutorial.batchnorm_momentum_for(5) == 0.5
+
+
+def test_steps_per_epoch_stated_in_the_lesson(tutorial):
+    """54,000 images / 128 = 422 steps (the last batch has 112 images), 4,220 in 10 epochs;
+    --quick: 5,400 images, 43 steps."""
+    import math
+    assert math.ceil(54_000 / tutorial.BATCH_SIZE) == 422 and 54_000 - 421 * 128 == 112
+    assert 422 * tutorial.EPOCHS == 4220
+    assert math.ceil(round(tutorial.QUICK_TRAIN_SUBSET * 0.9) / tutorial.BATCH_SIZE) == 43
+    batches = tutorial.TrainingBatches(np.zeros((54_000, 28, 28, 1), np.float32),
+                                       np.zeros((54_000, 10), np.float32), 128, 1)
+    assert len(batches) == 422 and len(batches.batch(0, 421)[0]) == 112
+
+
+def test_parameter_counts_for_both_paddings(tutorial):
+    """valid: 250,058 (147,584 in dense1); same: 905,418, of which 802,944 in dense1."""
+    valid, same = tutorial.build_model(), tutorial.build_model(padding="same")
+    assert valid.count_params() == 250_058
+    assert valid.get_layer("dense1").count_params() == 147_584
+    assert round(147_584 / 250_058, 2) == 0.59
+    assert same.count_params() == 905_418
+    assert same.get_layer("dense1").count_params() == 802_944 == 7 * 7 * 128 * 128 + 128
+    assert tuple(same.get_layer("conv3").output.shape[1:]) == (7, 7, 128)
+
+
+def test_receptive_fields_stated_in_the_lesson(tutorial):
+    """3x3 after conv1, 4 after pool1, 8 after conv2, 10 after pool2, 18 after conv3."""
+    size, jump, fields = 1, 1, {}
+    for layer in tutorial.build_model().layers:
+        kernel = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
+        if kernel:
+            size += (kernel[0] - 1) * jump
+            jump *= layer.strides[0]
+            fields[layer.name] = size
+    assert fields == {"conv1": 3, "pool1": 4, "conv2": 8, "pool2": 10, "conv3": 18}
+
+
+def test_softmax_and_cross_entropy_examples(tutorial):
+    import math
+    logits = np.array([2.0, 1.0, 0.1])
+    probabilities = np.exp(logits) / np.exp(logits).sum()
+    assert [round(p, 2) for p in probabilities] == [0.66, 0.24, 0.10]
+    assert [round(-math.log(p), 3) for p in (0.9, 0.5, 0.1)] == [0.105, 0.693, 2.303]
+    assert round(math.log(10), 2) == 2.30
+
+
+def test_augmentation_moves_pixels_and_keeps_shapes(tutorial):
+    image = np.zeros((1, 28, 28, 1), np.float32)
+    image[0, 10:18, 13:15, 0] = 1.0  # a vertical bar
+    same = tutorial.shift_and_rotate(image, np.random.default_rng(0), 0, 0)
+    assert np.array_equal(same, image)  # no rotation, no shift: unchanged
+    moved = tutorial.shift_and_rotate(np.repeat(image, 16, 0), np.random.default_rng(0), 8, 2)
+    assert moved.shape == (16, 28, 28, 1) and moved.dtype == np.float32
+    assert 0 <= moved.min() and moved.max() <= 1 + 1e-6
+    assert not np.allclose(moved, image)
+    assert np.allclose(moved.sum(axis=(1, 2, 3)), image.sum(), rtol=0.1)  # ink is kept
+
+
+def test_training_batches_repeat_exactly_and_reshuffle_each_epoch(tutorial):
+    images = np.arange(1000, dtype=np.float32).reshape(1000, 1, 1, 1) * np.ones((1, 28, 28, 1))
+    labels = np.zeros((1000, 10), np.float32)
+    first = tutorial.TrainingBatches(images, labels, 100, seed=3)
+    again = tutorial.TrainingBatches(images, labels, 100, seed=3)
+    assert np.array_equal(first.batch(0, 0)[0], again.batch(0, 0)[0])
+    assert not np.array_equal(first.batch(0, 0)[0], first.batch(1, 0)[0])
+    seen = np.concatenate([first.batch(0, i)[0][:, 0, 0, 0] for i in range(len(first))])
+    assert sorted(seen) == list(range(1000))  # every image once per epoch
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(tutorial):

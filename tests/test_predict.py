@@ -121,15 +121,62 @@ def test_predict_with_a_file_that_is_not_a_model_is_refused(tmp_path):
     assert "is not a Keras model" in completed.stderr
 
 
-def test_saliency_maps_have_the_image_shape_and_show_structure(tutorial, quick_run, test_digits):
+def test_occlusion_maps_have_the_image_shape_and_point_at_the_ink(tutorial, quick_run,
+                                                                test_digits):
     import keras
     _, output_dir, _ = quick_run
     model = keras.saving.load_model(str(output_dir / "mnist_cnn.keras"))
     images = tutorial.preprocess_images(test_digits[0][:4])
     classes = model.predict(images, verbose=0).argmax(axis=1)
-    maps = tutorial.saliency_maps(model, images, classes, samples=8)
-    assert maps.shape == (4, 28, 28)
-    assert np.all(np.isfinite(maps))
-    for saliency in maps:
-        assert saliency.std() > 0.01 and saliency.max() == pytest.approx(1.0)
-    assert (output_dir / "11_saliency.png").stat().st_size > 10_000
+    maps = tutorial.occlusion_maps(model, images, classes)
+    assert maps.shape == (4, 28, 28) and np.all(np.isfinite(maps))
+    for image, occlusion in zip(images[..., 0], maps):
+        assert occlusion.std() > 0.001
+        near_ink = image > 0.3
+        # Covering ink hurts more than covering the empty border of the image.
+        assert occlusion[near_ink].mean() > occlusion[:3, :].mean()
+    assert (output_dir / "12_occlusion.png").stat().st_size > 10_000
+
+
+def test_predict_reads_a_folder_and_keeps_its_figure_bounded(quick_run, test_digits, tmp_path):
+    """200 photos in a folder, several formats, plus files given one by one: every image in
+    the CSV, the figure shows at most 24 and stays small."""
+    _, output_dir, _ = quick_run
+    images, labels = test_digits
+    folder = tmp_path / "my_digits"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    formats = ["png", "jpg", "bmp", "webp"]
+    for number in range(200):
+        digit = images[number % len(images)]
+        photo = photograph(digit, rng).resize((150, 120))
+        photo.save(folder / f"photo{number:03d}.{formats[number % 4]}")
+    (folder / "readme.txt").write_text("not an image, not read")
+    single = tmp_path / "single.png"
+    photograph(images[0], rng).save(single)
+    results_dir = tmp_path / "results"
+    completed = run_script(["--predict", str(folder), str(single), "--model",
+                            str(output_dir / "mnist_cnn.keras"), "--output-dir",
+                            str(results_dir), "--no-show"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(results_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = sorted(str(path) for path in folder.iterdir() if path.suffix != ".txt")
+    assert [row["path"] for row in rows] == expected + [str(single)]
+    assert "read 192 of 201 images" in completed.stderr  # progress, batch by batch
+    with Image.open(results_dir / "predictions.png") as figure:
+        width, height = figure.size
+    assert width * height < 1200 * 1200, figure.size  # 24 images at most, not 201 rows
+    right = sum(int(row["prediction"]) == labels[number % len(labels)]
+                for number, row in enumerate(rows[:200]))
+    assert right >= 140, f"only {right} of 200 read right"
+
+
+def test_predict_on_an_empty_folder_says_so(quick_run, tmp_path):
+    _, output_dir, _ = quick_run
+    (tmp_path / "empty").mkdir()
+    completed = run_script(["--predict", str(tmp_path / "empty"), "--model",
+                            str(output_dir / "mnist_cnn.keras"), "--output-dir",
+                            str(tmp_path / "out"), "--no-show"])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "folder has no image files" in completed.stderr

@@ -1,6 +1,7 @@
 """The tutorial run end to end on a real MNIST subset, as a user (and Colab) would run it."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,9 +11,20 @@ from PIL import Image
 
 from conftest import DATA_ARGS, DATA_DIR, EXPECTED_FIGURES, METRIC_KEYS, ROOT, SCRIPT, run_script
 
+# Makes `import tensorflow` fail in a child process, as on a machine without TensorFlow.
+NO_TENSORFLOW = textwrap.dedent("""
+    import sys
+    class NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                raise ModuleNotFoundError("No module named 'tensorflow' (hidden by the test)")
+    sys.meta_path.insert(0, NoTensorFlow())
+""")
 
-def test_quick_run_writes_every_figure_and_learns(quick_run):
-    completed, output_dir, metrics = quick_run
+
+def check_run(completed, output_dir, epochs=1):
+    """What a user checks after a run: every figure, no traceback, metrics that make sense."""
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
     for name in EXPECTED_FIGURES:
         path = output_dir / name
@@ -20,36 +32,65 @@ def test_quick_run_writes_every_figure_and_learns(quick_run):
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) >= 150
     assert not list(output_dir.glob("*.partial*")), "a temporary file was left behind"
+    metrics = json.loads((output_dir / "metrics.json").read_text())
     for key in METRIC_KEYS:
         assert key in metrics, f"metrics.json lacks {key}"
-    assert metrics["epochs"] == 1 and metrics["parameters"] == 250_058
+    assert metrics["epochs"] == epochs and metrics["parameters"] == 250_058
     assert metrics["reload_predictions_match"] is True
     # Chance is 10%; one short epoch must already be far above it.
-    assert metrics["test_accuracy"] >= 0.80, metrics
-    assert metrics["best_val_accuracy"] >= 0.80, metrics
+    assert metrics["test_accuracy"] >= 0.80 and metrics["best_val_accuracy"] >= 0.80, metrics
+    return metrics
+
+
+def test_quick_run_writes_every_figure_and_learns(quick_run):
+    completed, output_dir, metrics = quick_run
+    check_run(completed, output_dir)
+    assert metrics["backend"] == "tensorflow" and metrics["steps_per_epoch"] == 43
     history = (output_dir / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and "val_accuracy" in history[0]
     assert len(history) == 2  # header + one epoch
     assert f"Test accuracy {metrics['test_accuracy']:.4f}" in completed.stdout
+    # Overfitting demo: the small network memorises its 1,000 images.
+    assert metrics["overfit_final_train_accuracy"] > metrics["overfit_final_val_accuracy"]
 
 
-def test_saved_model_reloads_in_a_fresh_process_and_scores_the_same(quick_run, tmp_path):
+def test_untrained_loss_is_about_ln_10(quick_run):
+    _, _, metrics = quick_run
+    assert abs(metrics["untrained_loss"] - 2.30) < 0.15, metrics["untrained_loss"]
+
+
+def test_every_section_prints_its_heading_in_order(quick_run):
+    completed, _, _ = quick_run
+    with open(SCRIPT, encoding="utf-8") as handle:
+        headings = re.findall(r"^# (## \d+\. .+)$", handle.read(), flags=re.MULTILINE)
+    printed = [line for line in completed.stdout.splitlines() if line.startswith("## ")]
+    # Sections 1-2 (settings, plumbing) and 20 (--predict) have no lesson output.
+    lesson = [h.replace("`", "") for h in headings if not h.startswith(("## 1.", "## 2.", "## 20."))]
+    assert [p.replace("`", "") for p in printed] == lesson
+
+
+def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
+    """Saved with TensorFlow; loaded with TensorFlow and with JAX, it scores the same."""
     _, output_dir, metrics = quick_run
     program = textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {ROOT!r})
-        import keras, numpy as np
-        import cnn_mnist_classifier as tutorial
+        import sys
+        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from benchmark import load_tutorial
+        tutorial = load_tutorial()
+        import keras
         _, _, x_test, y_test = tutorial.load_mnist({DATA_DIR!r})[0]
         model = keras.saving.load_model({str(output_dir / "mnist_cnn.keras")!r})
         probabilities = model.predict(tutorial.preprocess_images(x_test), verbose=0)
-        print("ACCURACY", float((probabilities.argmax(1) == y_test).mean()))
+        print("ACCURACY", keras.backend.backend(), float((probabilities.argmax(1) == y_test).mean()))
     """)
-    completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                               timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    accuracy = float(completed.stdout.split("ACCURACY")[-1])
-    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    for backend in ("tensorflow", "jax"):
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        completed = subprocess.run([sys.executable, "-c", program], capture_output=True,
+                                   text=True, timeout=300, env=env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        _, used, accuracy = completed.stdout.split("ACCURACY")[-1].split()
+        assert used == backend
+        assert float(accuracy) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
 
 def test_runs_as_one_notebook_cell_and_repeats_the_same_numbers(quick_run, tmp_path):
@@ -74,18 +115,70 @@ def test_runs_as_one_notebook_cell_and_repeats_the_same_numbers(quick_run, tmp_p
         "figures should be shown inline in a notebook"
     for name in EXPECTED_FIGURES:
         assert (output_dir / name).is_file(), name
-    with open(output_dir / "metrics.json", encoding="utf-8") as handle:
-        notebook_metrics = json.load(handle)
+    notebook_metrics = json.loads((output_dir / "metrics.json").read_text())
     assert notebook_metrics["test_accuracy"] == script_metrics["test_accuracy"]
     assert notebook_metrics["test_loss"] == script_metrics["test_loss"]
 
 
-def test_mirrored_strategy_path_runs_on_a_cpu_split_in_two(tmp_path):
+def test_runs_cell_by_cell_as_a_notebook(tmp_path):
+    """The `# %%` cells, each its own notebook cell, run in order (VS Code, jupytext)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    with open(SCRIPT, encoding="utf-8") as handle:
+        cells = re.split(r"^# %%.*$", handle.read(), flags=re.MULTILINE)
+    code_cells = [cell for cell in cells if cell.strip() and not all(
+        line.startswith("#") or not line.strip() for line in cell.splitlines())]
+    argv = ["cnn_mnist_classifier.py", "--quick", "--train-subset", "1000",
+            "--output-dir", str(tmp_path / "out"), *DATA_ARGS]
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(f"import sys\nsys.argv = {argv!r}")] + [
+        nbformat.v4.new_code_cell(cell) for cell in code_cells[1:]]  # [0]: the docstring
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert len(notebook.cells) > 15
+    assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_two_device_data_parallel_path_on_a_cpu_split_in_two(tmp_path, backend):
     completed = run_script(["--epochs", "2", "--train-subset", "3000", "--cpu-replicas", "2",
-                            "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS])
+                            "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS],
+                           env_overrides={"KERAS_BACKEND": backend})
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "MirroredStrategy: 2 copies" in completed.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["device"] == "CPU split into 2 devices"
+    assert metrics["backend"] == backend
     assert metrics["reload_predictions_match"] is True
     assert metrics["test_accuracy"] > 0.5  # 44 steps on 2,700 images: learning, not chance
+
+
+def test_jax_runs_without_tensorflow_with_augmentation_on(tmp_path):
+    """JAX on a machine where `import tensorflow` fails; augmentation forced on."""
+    hide = tmp_path / "hide_tensorflow"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    output_dir = tmp_path / "out"
+    completed = run_script(["--quick", "--augment-min-epochs", "1", "--no-show", "--output-dir",
+                            str(output_dir), *DATA_ARGS],
+                           env_overrides={"KERAS_BACKEND": "jax", "PYTHONPATH": str(hide)})
+    metrics = check_run(completed, output_dir)
+    assert metrics["backend"] == "jax" and metrics["augmentation"] is True
+    assert metrics["jit_compile"] is True  # auto: JAX compiles on a CPU too
+    assert "augmentation: on" in completed.stdout
+    check = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True,
+                           env=dict(os.environ, PYTHONPATH=str(hide)))
+    assert check.returncode != 0  # the hiding really works
+
+
+def test_gpu_configuration_runs_on_the_cpu(tmp_path):
+    """What a GPU gets by default (mixed float16, XLA), forced on here: slow, but it runs and
+    the reload check allows for float16 rounding."""
+    completed = run_script(["--epochs", "1", "--train-subset", "2000", "--precision", "mixed",
+                            "--jit", "on", "--no-show", "--output-dir", str(tmp_path),
+                            *DATA_ARGS])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["precision"] == "mixed_float16" and metrics["jit_compile"] is True
+    assert metrics["reload_predictions_match"] is True, metrics
+    assert "largest probability difference" in completed.stdout
+    assert metrics["test_accuracy"] > 0.5
