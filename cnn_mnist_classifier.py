@@ -24,6 +24,7 @@ Measured results (which machine, how many seeds) are in README.md.
 # Every knob a learner may want to turn is a constant here. In Colab, edit them and run again;
 # in a shell, pass the flag named beside each (`--help` lists them all with their defaults).
 # The flags override these values, and `MNIST_DATA_DIR` in the environment sets the data folder.
+# The few settings without a flag beside them are changed here only.
 
 # %%
 import os
@@ -85,6 +86,7 @@ BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"} 
 IN_NOTEBOOK = "ipykernel" in sys.modules      # Jupyter, VS Code cells and Colab
 IN_COLAB = "google.colab" in sys.modules
 RUNNING = __name__ == "__main__"              # False when loaded for --predict or the tests
+DEVICE_COUNT = 1                              # section 7 counts the devices
 
 
 def build_argument_parser():
@@ -120,7 +122,8 @@ def build_argument_parser():
     add("--output-dir", default=OUTPUT_DIR, help="where everything is written")
     add("--no-show", action="store_true", help="only save figures, never open windows")
     add("--quick", action="store_true",
-        help=f"a short tour: {QUICK_EPOCHS} epoch on {QUICK_TRAIN_SUBSET} images")
+        help=f"a short tour: {QUICK_EPOCHS} epoch on {QUICK_TRAIN_SUBSET} images (10%% of them "
+        "held out for validation)")
     add("--cpu", action="store_true", help="ignore any GPU and train on the CPU")
     add("--cpu-replicas", type=int, default=1, help="split the CPU into N devices to try "
         "multi-device training (TensorFlow and JAX)")
@@ -697,8 +700,10 @@ save_figure(plot_augmentation(x_train[:3], settings.seed + 1, *shown_augmentatio
                               note="" if use_augmentation else "\n(not used in this run)"),
             "04_augmentation.png", settings.output_dir)
 
-# Try this: run with `--augment-min-epochs 1 --quick` and compare the test accuracy with a
-# plain `--quick` run. Then `--max-rotation 45`: when does augmentation stop being plausible?
+# Try this: `--quick --augment-min-epochs 1` augments even the one-epoch tour. Measured (seed 1,
+# TensorFlow, README's CPU): test 93.94% against 94.69% without (validation 94.50% and 94.33%,
+# a tie on 600 images). `--max-rotation 45` as well: 89.06%. Too much distortion makes digits
+# that no one writes; a 6 turned far enough starts to look like something else.
 
 
 # %% [markdown]
@@ -725,7 +730,7 @@ print("\n## 7. Where the maths runs: the Keras backend and the device")
 
 
 def setup_device(cpu_replicas=1):
-    """Find the devices; return (scope for building the model, description, on_gpu).
+    """Find the devices; return (scope for building the model, description, on_gpu, count).
     Each backend names its devices in its own way, hence three short branches."""
     if BACKEND == "tensorflow":
         import tensorflow as tf
@@ -747,7 +752,7 @@ def setup_device(cpu_replicas=1):
         if not gpus:  # same seed, same numbers (on a GPU this would cost speed)
             tf.config.experimental.enable_op_determinism()
         count = strategy.num_replicas_in_sync
-        return strategy.scope, describe(names, count), bool(gpus)
+        return strategy.scope, describe(names, count), bool(gpus), count
     if BACKEND == "jax":
         import jax
         devices = jax.devices()
@@ -755,19 +760,31 @@ def setup_device(cpu_replicas=1):
             keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
         on_gpu = devices[0].platform == "gpu"
         names = [d.device_kind for d in devices] if on_gpu else []
-        return contextlib.nullcontext, describe(names, len(devices)), on_gpu
+        return contextlib.nullcontext, describe(names, len(devices)), on_gpu, len(devices)
     import torch
     if cpu_replicas > 1:
         print("  (PyTorch: this tutorial trains on one device; --cpu-replicas is ignored)")
     on_gpu = torch.cuda.is_available()
     names = [torch.cuda.get_device_name(0)] if on_gpu else []
-    return contextlib.nullcontext, describe(names, 1), on_gpu
+    return contextlib.nullcontext, describe(names, 1), on_gpu, 1
 
 
 def describe(gpu_names, device_count):
     if gpu_names:
         return f"{len(gpu_names)} x GPU ({gpu_names[0]})"
     return "CPU" if device_count == 1 else f"CPU split into {device_count} devices"
+
+
+def predict(model, images, batch_size=500):
+    """model.predict as NumPy. With several devices every batch is split evenly between
+    them, so a batch is padded with blank images to a multiple of the device count."""
+    batch_size -= batch_size % DEVICE_COUNT
+    extra = -len(images) % DEVICE_COUNT
+    padded = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
+    outputs = model.predict(padded, batch_size=batch_size, verbose=0)
+    if isinstance(outputs, (list, tuple)):  # a model with several outputs
+        return [np.asarray(output)[:len(images)] for output in outputs]
+    return np.asarray(outputs)[:len(images)]
 
 
 def choose_precision_and_jit(precision, jit, on_gpu):
@@ -780,7 +797,7 @@ def choose_precision_and_jit(precision, jit, on_gpu):
 
 
 keras.utils.set_random_seed(settings.seed)  # Python, NumPy and the backend in one call
-build_scope, DEVICE, ON_GPU = setup_device(settings.cpu_replicas)
+build_scope, DEVICE, ON_GPU, DEVICE_COUNT = setup_device(settings.cpu_replicas)
 PRECISION_POLICY, JIT_COMPILE = choose_precision_and_jit(settings.precision, settings.jit, ON_GPU)
 keras.mixed_precision.set_global_policy(PRECISION_POLICY)
 print(f"Keras {keras.__version__} on {BACKEND}; device: {DEVICE}; precision "
@@ -1213,7 +1230,7 @@ def plot_confusion_matrix(matrix):
 
 y_test_onehot = keras.utils.to_categorical(y_test, 10)
 test_loss, test_accuracy = model.evaluate(x_test, y_test_onehot, batch_size=500, verbose=0)
-test_probabilities = np.asarray(model.predict(x_test, batch_size=500, verbose=0))
+test_probabilities = predict(model, x_test)
 test_predictions = test_probabilities.argmax(axis=1)
 matrix = confusion_matrix(y_test, test_predictions)
 recall, precision = recall_and_precision(matrix)
@@ -1320,7 +1337,7 @@ def plot_first_layer_filters(model):
 def plot_feature_maps(model, image, names=("pool1", "pool2", "bn3"), channels=8):
     """The activations after each block for one image (first `channels` maps of each)."""
     probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
-    maps = probe.predict(image[np.newaxis], verbose=0)
+    maps = predict(probe, image[np.newaxis])
     figure, axes = plt.subplots(len(names), channels + 1, figsize=(1.5 * (channels + 1), 5.2))
     for row, (name, activation) in enumerate(zip(names, maps)):
         activation = np.asarray(activation, dtype="float32")[0]
@@ -1368,7 +1385,7 @@ def occlusion_maps(model, images, classes, patch=6, stride=2):
         for copy, (top, left) in zip(covered, corners):
             copy[top:top + patch, left:left + patch] = 0.0
         batch = np.concatenate([image[np.newaxis], covered])
-        probabilities = np.asarray(model.predict(batch, batch_size=len(batch), verbose=0))
+        probabilities = predict(model, batch, batch_size=len(batch))
         drops = probabilities[0, digit] - probabilities[1:, digit]
         total, counts = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
         for drop, (top, left) in zip(drops, corners):
@@ -1485,7 +1502,7 @@ def peak_memory_mb():
 model_path = os.path.join(settings.output_dir, MODEL_FILENAME)
 save_model_atomically(model, model_path)
 reloaded = keras.saving.load_model(model_path)
-reloaded_probabilities = np.asarray(reloaded.predict(x_test[:1000], batch_size=500, verbose=0))
+reloaded_probabilities = predict(reloaded, x_test[:1000])
 largest_difference = float(np.abs(reloaded_probabilities - test_probabilities[:1000]).max())
 same_digits = bool((reloaded_probabilities.argmax(1) == test_predictions[:1000]).all())
 same = same_digits and largest_difference <= reload_tolerance(PRECISION_POLICY)
@@ -1745,7 +1762,7 @@ demo_idx = [int(np.flatnonzero(y_test == digit)[0]) for digit in (2, 5, 7, 9)]
 photos = [make_photo_like(x_test[i, :, :, 0], demo_rng) for i in demo_idx]
 prepared = [prepare_digit(Image.fromarray(photo)) for photo in photos]
 demo_digits = np.stack([digit for digit, _ in prepared])[..., np.newaxis]
-demo_probabilities = np.asarray(model.predict(demo_digits, verbose=0))
+demo_probabilities = predict(model, demo_digits)
 save_figure(plot_recipe(photos, [steps for _, steps in prepared], demo_probabilities),
             "14_your_digit_recipe.png", settings.output_dir)
 print("Photo-like test digits " + ", ".join(str(y_test[i]) for i in demo_idx) + " read as "
@@ -1759,7 +1776,7 @@ if IN_COLAB:
         except ImageProblem as error:
             print(f"{name}: {error}")
             continue
-        probabilities = np.asarray(model.predict(digit[np.newaxis, ..., np.newaxis], verbose=0))[0]
+        probabilities = predict(model, digit[np.newaxis, ..., np.newaxis])[0]
         print(f"{name}: {int(probabilities.argmax())} ({probabilities.max():.0%})")
 else:
     print("Read your own digits: python cnn_mnist_classifier.py --predict my_digit.jpg "
@@ -1850,8 +1867,7 @@ def predict_files(paths, model_path, output_dir):
                 print(f"error: {path}: {problem}", file=sys.stderr)
                 failures += 1
         if digits:
-            probabilities = np.asarray(model.predict(np.stack(digits)[..., np.newaxis],
-                                                     batch_size=PREDICT_BATCH, verbose=0))
+            probabilities = predict(model, np.stack(digits)[..., np.newaxis], PREDICT_BATCH)
             results += list(zip(names, digits, probabilities))
         if len(paths) > PREDICT_BATCH:
             print(f"  read {min(first + PREDICT_BATCH, len(paths))} of {len(paths)} images "

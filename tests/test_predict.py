@@ -131,10 +131,12 @@ def test_occlusion_maps_have_the_image_shape_and_point_at_the_ink(tutorial, quic
     maps = tutorial.occlusion_maps(model, images, classes)
     assert maps.shape == (4, 28, 28) and np.all(np.isfinite(maps))
     for image, occlusion in zip(images[..., 0], maps):
-        assert occlusion.std() > 0.001
-        near_ink = image > 0.3
-        # Covering ink hurts more than covering the empty border of the image.
-        assert occlusion[near_ink].mean() > occlusion[:3, :].mean()
+        assert np.abs(occlusion).max() > 0
+        # The largest change comes from covering ink (within the 6x6 patch around it), and
+        # covering only background (the empty top rows) changes nothing at all.
+        row, col = np.unravel_index(np.argmax(np.abs(occlusion)), occlusion.shape)
+        assert image[max(0, row - 5):row + 6, max(0, col - 5):col + 6].max() > 0.5
+        assert np.abs(occlusion[:2]).max() < np.abs(occlusion).max()
     assert (output_dir / "12_occlusion.png").stat().st_size > 10_000
 
 

@@ -88,7 +88,7 @@ def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
         completed = subprocess.run([sys.executable, "-c", program], capture_output=True,
                                    text=True, timeout=300, env=env)
         assert completed.returncode == 0, completed.stderr[-3000:]
-        _, used, accuracy = completed.stdout.split("ACCURACY")[-1].split()
+        used, accuracy = completed.stdout.split("ACCURACY")[-1].split()
         assert used == backend
         assert float(accuracy) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
@@ -141,7 +141,8 @@ def test_runs_cell_by_cell_as_a_notebook(tmp_path):
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_two_device_data_parallel_path_on_a_cpu_split_in_two(tmp_path, backend):
-    completed = run_script(["--epochs", "2", "--train-subset", "3000", "--cpu-replicas", "2",
+    completed = run_script(["--quick", "--epochs", "2", "--train-subset", "3000",
+                            "--cpu-replicas", "2",
                             "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS],
                            env_overrides={"KERAS_BACKEND": backend})
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -173,7 +174,7 @@ def test_jax_runs_without_tensorflow_with_augmentation_on(tmp_path):
 def test_gpu_configuration_runs_on_the_cpu(tmp_path):
     """What a GPU gets by default (mixed float16, XLA), forced on here: slow, but it runs and
     the reload check allows for float16 rounding."""
-    completed = run_script(["--epochs", "1", "--train-subset", "2000", "--precision", "mixed",
+    completed = run_script(["--quick", "--train-subset", "2000", "--precision", "mixed",
                             "--jit", "on", "--no-show", "--output-dir", str(tmp_path),
                             *DATA_ARGS])
     assert completed.returncode == 0, completed.stderr[-3000:]
