@@ -4,8 +4,8 @@ One file, read top to bottom: load the MNIST digits, look at them, prepare them,
 convolutional network (three Conv+ReLU -> BatchNorm blocks, the first two followed by max-pooling,
 then a small dense classifier), train it with Adam, watch it learn and overfit, evaluate it once
 on the test set, look inside it (filters, feature maps, occlusion maps, mistakes), save it, and
-read *your* handwritten digit. It runs on every Keras backend: TensorFlow (the default), JAX
-or PyTorch, on a CPU or a GPU.
+read *your* handwritten digit. It runs on the three Keras backends that train: TensorFlow (the
+default), JAX or PyTorch, on a CPU or a GPU.
 
     pip install -r requirements.txt && python cnn_mnist_classifier.py
     python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, 5,400 images)
@@ -44,7 +44,7 @@ LABEL_SMOOTHING = 0.0       # --label-smoothing: 0.1 would aim for 0.91, not 1.0
 MAX_ROTATION_DEGREES = 8    # --max-rotation: augmentation rotates each image up to this much
 MAX_SHIFT_PIXELS = 2        # --max-shift: ... and shifts it up to this many pixels
 AUGMENT_MIN_EPOCHS = 5      # --augment-min-epochs: runs shorter than this are not augmented
-SEED = 1                    # --seed: same seed, settings, machine and backend = same numbers
+SEED = 1                    # --seed: same seed, settings, CPU machine, backend = same numbers
 PRECISION = "auto"          # --precision: auto (mixed on a GPU), float32 or mixed
 JIT = "auto"                # --jit: compile the training step? auto, on or off
 
@@ -52,7 +52,7 @@ JIT = "auto"                # --jit: compile the training step? auto, on or off
 QUICK_EPOCHS = 1
 QUICK_TRAIN_SUBSET = 6000   # 5,400 train on it, 600 are held out for validation
 
-# The overfitting demo (section 10): a small network trained far too long on few images
+# The overfitting demo (section 12): the network, without dropout, trained long on few images
 OVERFIT_IMAGES = 1000
 OVERFIT_EPOCHS = 30         # 8 with --quick
 
@@ -79,6 +79,7 @@ import json
 import math
 import time
 import types
+import zlib
 
 MNIST_TRAIN_SIZE = 60_000  # images in the official training set
 MIN_TRAIN_SUBSET = 100     # fewer cannot fill both the training and the validation set
@@ -116,7 +117,8 @@ def build_argument_parser():
     add("--precision", choices=("auto", "float32", "mixed"), default=PRECISION,
         help="auto: mixed float16 on a GPU, float32 on a CPU")
     add("--jit", choices=("auto", "on", "off"), default=JIT,
-        help="compile the training step (XLA); auto: on a GPU, and on a CPU with JAX")
+        help="compile the training step (XLA; torch.compile on PyTorch); auto: on a GPU, "
+        "and on a CPU with JAX")
     add("--data-dir", default=DATA_DIR, help="folder with the four MNIST files (.gz or not) "
         "or mnist.npz; default: $MNIST_DATA_DIR, else download with Keras")
     add("--output-dir", default=OUTPUT_DIR, help="where everything is written")
@@ -295,7 +297,7 @@ import matplotlib.pyplot as plt
 import keras
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-if RUNNING and settings.predict and not IN_NOTEBOOK:  # no lesson: section 19 reads the images
+if RUNNING and settings.predict and not IN_NOTEBOOK:  # no lesson: section 20 reads the images
     sys.exit(load_definitions(__file__).predict_files(settings.predict, settings.model,
                                                       settings.output_dir))
 
@@ -335,7 +337,7 @@ def read_idx_file(path):
     except OSError as error:
         raise DataError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}; "
                         "a damaged or truncated gzip file?") from None
-    except (EOFError, ValueError):
+    except (EOFError, ValueError, zlib.error):
         raise DataError(f"{path} is a damaged or truncated gzip file") from None
     magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
     if len(raw) < 8 or magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
@@ -343,6 +345,8 @@ def read_idx_file(path):
                         f"expected {IDX_IMAGES_MAGIC:#010x} or {IDX_LABELS_MAGIC:#010x})")
     header, shape = (8, (count,))
     if magic == IDX_IMAGES_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"{path} is too short to be an IDX image file: truncated")
         rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
         if (rows, cols) != (28, 28):
             raise DataError(f"{path} holds {rows}x{cols} images; MNIST images are 28x28")
@@ -514,7 +518,7 @@ def plot_preprocessing(raw_image):
         axis.set_title(title)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle("Preprocessing: same picture, numbers scaled to 0-1 (zeros left blank)")
+    figure.suptitle("Preprocessing: same picture, numbers scaled to 0-1 (exact zeros left blank)")
     return figure
 
 
@@ -531,8 +535,8 @@ save_figure(plot_preprocessing(x_train_all[0]), "03_preprocessing.png", settings
 # * Shape `(N, 28, 28, 1)`: a convolution layer expects a channel axis (1 for grey, 3 for RGB).
 # * `float32` in [0, 1]: inputs of a similar, small scale make training stable.
 # * One-hot labels: the digit 3 becomes `[0,0,0,1,0,0,0,0,0,0]`, the target for the network's
-#   10 probabilities. (Keeping integer labels with `sparse_categorical_crossentropy` is the
-#   same maths.)
+#   10 output probabilities (section 8 shows how it makes them). (Keeping integer labels
+#   with `sparse_categorical_crossentropy` is the same maths.)
 # * Validation: 10% of the *training* images (6,000) are held out. We watch them during
 #   training and pick the best epoch with them, so they influence our choices. The test set
 #   is used once, at the very end: since no decision was based on it, its score is an honest
@@ -545,9 +549,13 @@ print("\n## 5. Preprocess, and split off a validation set")
 def balanced_subset_indices(labels, size, rng):
     """Pick `size` indices with (as near as possible) the same number of each digit."""
     per_class = [size // 10 + (1 if digit < size % 10 else 0) for digit in range(10)]
-    chosen = [rng.choice(np.flatnonzero(labels == digit), size=min(wanted, np.sum(labels == digit)),
-                         replace=False) for digit, wanted in enumerate(per_class)]
-    return rng.permutation(np.concatenate(chosen))
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(labels == digit), size=min(wanted, np.sum(labels == digit)),
+                   replace=False) for digit, wanted in enumerate(per_class)])
+    if len(chosen) < size:  # a digit ran out (MNIST has 5,421 fives): top up with the others
+        others = np.setdiff1d(np.arange(len(labels)), chosen)
+        chosen = np.concatenate([chosen, rng.choice(others, size - len(chosen), replace=False)])
+    return rng.permutation(chosen)
 
 
 def preprocess_images(images):
@@ -580,7 +588,7 @@ print(f"train {x_train.shape}, validation {x_val.shape}, test {x_test.shape}; "
 # People do not write every 7 in the same spot at the same slant. If each training image is
 # shifted by up to 2 pixels and rotated by up to 8 degrees, randomly and anew every epoch, the
 # network sees plausible new digits each time and has a harder time memorising the training
-# images (overfitting, section 10). Validation and test images are never augmented.
+# images (overfitting, section 12). Validation and test images are never augmented.
 #
 # How: each output pixel asks "where did I come from?" (rotate back, shift back) and takes a
 # mix of the four input pixels around that point (bilinear interpolation). For example, a
@@ -719,8 +727,9 @@ save_figure(plot_augmentation(x_train[:3], settings.seed + 1, *shown_augmentatio
 # A GPU makes training many times faster; this file finds one on its own. On a GPU it also
 # uses *mixed precision*: the layers compute in 16-bit floats, which a GPU's tensor cores
 # multiply much faster, while the weights stay in 32-bit floats and the loss is scaled up
-# during the backward pass so that small gradients do not round to zero. And it *compiles*
-# the training step with XLA, fusing many small operations into fewer GPU programs. With
+# while the gradients are computed (section 9 explains them) so that small ones do not round
+# to zero. And it *compiles* the training step (XLA on TensorFlow and JAX, `torch.compile` on
+# PyTorch), fusing many small operations into fewer GPU programs. With
 # several GPUs, TensorFlow's `MirroredStrategy` and JAX's `keras.distribution.DataParallel`
 # put a copy of the model on each and split every batch between them (PyTorch: one device in
 # this file). On a CPU: float32, and compilation only on JAX (measured faster there; README).
@@ -775,7 +784,7 @@ def describe(gpu_names, device_count):
     return "CPU" if device_count == 1 else f"CPU split into {device_count} devices"
 
 
-def predict(model, images, batch_size=500):
+def predict(model, images, batch_size=512):
     """model.predict as NumPy. With several devices every batch is split evenly between
     them, so a batch is padded with blank images to a multiple of the device count."""
     batch_size -= batch_size % DEVICE_COUNT
@@ -799,9 +808,12 @@ def choose_precision_and_jit(precision, jit, on_gpu):
 keras.utils.set_random_seed(settings.seed)  # Python, NumPy and the backend in one call
 build_scope, DEVICE, ON_GPU, DEVICE_COUNT = setup_device(settings.cpu_replicas)
 PRECISION_POLICY, JIT_COMPILE = choose_precision_and_jit(settings.precision, settings.jit, ON_GPU)
+if DEVICE_COUNT > 1 and settings.batch_size % DEVICE_COUNT:
+    fail(f"--batch-size {settings.batch_size} cannot be split evenly over {DEVICE_COUNT} "
+         f"devices; use a multiple of {DEVICE_COUNT}")
 keras.mixed_precision.set_global_policy(PRECISION_POLICY)
 print(f"Keras {keras.__version__} on {BACKEND}; device: {DEVICE}; precision "
-      f"{PRECISION_POLICY}; compiled (XLA): {'on' if JIT_COMPILE else 'off'}")
+      f"{PRECISION_POLICY}; compiled: {'on' if JIT_COMPILE else 'off'}")
 if not ON_GPU:
     print("  (no GPU found; in Colab choose Runtime > Change runtime type > GPU for a much "
           "faster run)")
@@ -833,6 +845,7 @@ if not ON_GPU:
 # offset), which keeps training stable at larger learning rates. In *training* it uses the
 # current batch's mean and variance; at *test* time it uses moving averages collected during
 # training, updated each step as average = momentum * average + (1 - momentum) * batch value.
+# (A *step* updates the weights once, on one batch of images; section 9.)
 # Momentum 0.99 means the average mostly reflects the last 1 / (1 - 0.99) = 100 steps: fine for
 # the default run (4,220 steps), far too slow for a 43-step tour. So we use
 # 1 - 10 / steps, capped to [0.5, 0.99]: 0.99 for the default run (the rule alone would give
@@ -925,7 +938,8 @@ print(f"BatchNorm momentum {batchnorm_momentum_for(total_steps):.3f} for {total_
 # * No pooling: `pooling=False`: EXERCISE_NO_POOL, and conv3's maps are 22x22, so dense1 has
 #   7.9 million weights and each epoch takes EXERCISE_NO_POOL_TIME longer.
 # * `padding="same"`: EXERCISE_SAME, with 905,418 parameters.
-# * No convolutions at all: `build_dense_model()` below, two Dense layers on the 784 pixels:
+# * No convolutions at all: `build_dense_model()` below, two hidden Dense layers on the 784
+#   pixels:
 #   EXERCISE_DENSE.
 
 
@@ -1080,9 +1094,13 @@ print(f"Training for {settings.epochs} epoch(s) of {steps_per_epoch} steps on {D
       "(Ctrl-C stops early and keeps the best weights)...")
 history, best_epoch, training_seconds, interrupted = train(
     model, training_batches, (x_val, y_val_onehot), settings.epochs)
-best_val_accuracy = max(history.get("val_accuracy", [float("nan")]))
-print(f"Trained in {training_seconds:.1f} s; best validation accuracy "
-      f"{best_val_accuracy:.4f} at epoch {best_epoch} (those weights are kept)")
+best_val_accuracy = max(history["val_accuracy"]) if best_epoch else None
+if best_epoch:
+    print(f"Trained in {training_seconds:.1f} s; best validation accuracy "
+          f"{best_val_accuracy:.4f} at epoch {best_epoch} (those weights are kept)")
+else:
+    print(f"Trained for {training_seconds:.1f} s, not one complete epoch; going on with the "
+          "weights as they are")
 write_text_atomically(os.path.join(settings.output_dir, "history.csv"), history_to_csv(history))
 
 
@@ -1153,11 +1171,11 @@ print("\n## 12. Overfitting, shown")
 
 def overfitting_demo(x_small, y_small, validation_data, epochs, seed):
     keras.utils.set_random_seed(seed)
-    steps = math.ceil(len(x_small) / 100) * epochs
+    steps = math.ceil(len(x_small) / 128) * epochs
     small_model = build_model(batchnorm_momentum_for(steps), dropout=False)
     small_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                         metrics=["accuracy"], jit_compile=JIT_COMPILE)
-    fitted = small_model.fit(x_small, y_small, batch_size=100, epochs=epochs,
+    fitted = small_model.fit(x_small, y_small, batch_size=128, epochs=epochs,
                              validation_data=validation_data, verbose=0)
     return fitted.history
 
@@ -1165,8 +1183,8 @@ def overfitting_demo(x_small, y_small, validation_data, epochs, seed):
 def plot_overfitting(history, image_count):
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot_curves(axes, history, marker=".-")
-    figure.suptitle(f"Overfitting: {image_count:,} training images, no dropout, no augmentation "
-                    "- training keeps improving, validation does not")
+    figure.suptitle(f"Overfitting: {image_count:,} training images, no dropout, no "
+                    "augmentation: where do training and validation part?")
     return figure
 
 
@@ -1175,8 +1193,9 @@ overfit_started = time.perf_counter()
 overfit_history = overfitting_demo(x_train[:OVERFIT_IMAGES], y_train_onehot[:OVERFIT_IMAGES],
                                    (x_val[:2000], y_val_onehot[:2000]), overfit_epochs,
                                    settings.seed)
-print(f"{OVERFIT_IMAGES:,} images, {overfit_epochs} epochs ({time.perf_counter() - overfit_started:.0f}"
-      f" s): training accuracy {overfit_history['accuracy'][-1]:.1%}, validation "
+overfit_seconds = time.perf_counter() - overfit_started
+print(f"{OVERFIT_IMAGES:,} images, {overfit_epochs} epochs ({overfit_seconds:.0f} s): training "
+      f"accuracy {overfit_history['accuracy'][-1]:.1%}, validation "
       f"{overfit_history['val_accuracy'][-1]:.1%}; validation loss lowest at epoch "
       f"{int(np.argmin(overfit_history['val_loss'])) + 1}, "
       f"{min(overfit_history['val_loss']):.3f} -> {overfit_history['val_loss'][-1]:.3f} at the end")
@@ -1229,7 +1248,7 @@ def plot_confusion_matrix(matrix):
 
 
 y_test_onehot = keras.utils.to_categorical(y_test, 10)
-test_loss, test_accuracy = model.evaluate(x_test, y_test_onehot, batch_size=500, verbose=0)
+test_loss, test_accuracy = model.evaluate(x_test, y_test_onehot, batch_size=512, verbose=0)
 test_probabilities = predict(model, x_test)
 test_predictions = test_probabilities.argmax(axis=1)
 matrix = confusion_matrix(y_test, test_predictions)
@@ -1334,8 +1353,16 @@ def plot_first_layer_filters(model):
     return figure
 
 
-def plot_feature_maps(model, image, names=("pool1", "pool2", "bn3"), channels=8):
+def block_outputs(model):
+    """The last layer of each convolution block (pool1, pool2, bn3 in our network)."""
+    names = [layer.name for layer in model.layers]
+    return [[name for name in names if name in (f"conv{b}", f"bn{b}", f"pool{b}")][-1]
+            for b in (1, 2, 3)]
+
+
+def plot_feature_maps(model, image, channels=8):
     """The activations after each block for one image (first `channels` maps of each)."""
+    names = block_outputs(model)
     probe = keras.Model(model.inputs[0], [model.get_layer(name).output for name in names])
     maps = predict(probe, image[np.newaxis])
     figure, axes = plt.subplots(len(names), channels + 1, figsize=(1.5 * (channels + 1), 5.2))
@@ -1403,7 +1430,7 @@ def plot_occlusion(images, maps, titles, colors):
         show_digit(axes[1, column], images[column])
         limit = max(float(np.abs(maps[column]).max()), 1e-3)
         axes[1, column].imshow(maps[column], cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
-        axes[1, column].set_xlabel(f"max drop {maps[column].max():.0%}", fontsize=8)
+        axes[1, column].set_xlabel(f"largest mean drop {maps[column].max():.0%}", fontsize=8)
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("occlusion")
     figure.suptitle("Covering which part changes the answer? Red: the predicted digit's "
@@ -1513,7 +1540,8 @@ print(f"  Load it anywhere with: model = keras.saving.load_model({model_path!r})
 metrics = {
     "test_accuracy": round(float(test_accuracy), 6), "test_loss": round(float(test_loss), 6),
     "untrained_loss": round(float(untrained_loss), 6),
-    "best_val_accuracy": round(float(best_val_accuracy), 6), "best_epoch": best_epoch,
+    "best_val_accuracy": best_val_accuracy and round(float(best_val_accuracy), 6),
+    "best_epoch": best_epoch,
     "epochs": settings.epochs, "epochs_completed": len(history.get("loss", [])),
     "interrupted": interrupted, "batch_size": settings.batch_size,
     "steps_per_epoch": steps_per_epoch, "train_images": int(len(x_train)),
@@ -1662,7 +1690,7 @@ def prepare_digit(image):
         raise ImageProblem("no ink found (the image looks blank or has too little contrast)")
     threshold = max(4 * noise, 0.25 * peak)
     mask = residual > threshold
-    # Drop isolated specks: keep pixels whose 3x3 neighbourhood is mostly ink too.
+    # Drop isolated specks: keep pixels whose close neighbourhood (a blur) is mostly ink too.
     mask &= blur(mask.astype(np.float32), sigma=1.0) > 0.3
     if not mask.any():
         raise ImageProblem("no ink found (the image looks blank or has too little contrast)")
@@ -1682,7 +1710,8 @@ def prepare_digit(image):
         padded = np.pad(cropped, size)
         cropped = np.asarray(Image.fromarray(padded.astype(np.float32), mode="F").filter(
             ImageFilter.MaxFilter(size)))
-        cropped = cropped[np.ix_(cropped.any(axis=1), cropped.any(axis=0))]
+        rows, cols = np.flatnonzero(cropped.any(axis=1)), np.flatnonzero(cropped.any(axis=0))
+        cropped = cropped[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # only the margins
         crop_height, crop_width = cropped.shape
         factor = 20.0 / max(crop_height, crop_width)
     steps["cropped"] = cropped
@@ -1752,8 +1781,8 @@ def plot_recipe(photos, all_steps, probabilities=None):
             probs = probabilities[row]
             show_probabilities(axes[row, -1], probs,
                                title=f"reads {int(probs.argmax())} ({probs.max():.0%})")
-    figure.suptitle("Your digit: our clean-up (grey, invert, ink only, crop), then MNIST's "
-                    "recipe (20 px box, centre of mass)")
+    figure.suptitle("A photo, step by step: our clean-up (grey, invert, ink only, crop), "
+                    "then MNIST's recipe (20 px box, centre of mass)")
     return figure
 
 
@@ -1806,12 +1835,17 @@ def load_trained_model(path):
              "(or add --quick for a short tour), then run --predict again "
              "(use --model PATH for a model saved elsewhere).")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        model = keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # not a zip, not a Keras model, or unsafe content
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else \
             type(error).__name__
         fail(f"{path} is not a Keras model this script can load ({reason}). Pass --model with "
              "a .keras file saved by this script, or train again.")
+    if tuple(model.input_shape[1:]) != (28, 28, 1) or tuple(model.output_shape[1:]) != (10,):
+        fail(f"{path} is a Keras model, but not one for 28x28 digits with 10 classes (input "
+             f"{model.input_shape}, output {model.output_shape}). Pass a model saved by this "
+             "script.")
+    return model
 
 
 def expand_image_paths(paths):
@@ -1820,7 +1854,8 @@ def expand_image_paths(paths):
     for path in paths:
         if os.path.isdir(path):
             names = sorted(name for name in os.listdir(path)
-                           if name.lower().endswith(IMAGE_EXTENSIONS))
+                           if name.lower().endswith(IMAGE_EXTENSIONS)
+                           and not name.startswith("."))  # hidden files: not photos
             if not names:
                 print(f"error: {path}: folder has no image files "
                       f"({', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
@@ -1890,6 +1925,8 @@ def predict_files(paths, model_path, output_dir):
                         "; every image is in predictions.csv")
         save_figure(figure, "predictions.png", output_dir)
         print(f"Wrote {os.path.join(output_dir, 'predictions.csv')} ({len(results)} images)")
-    if failures or not paths:
+    if not paths:
+        print("error: no images to read", file=sys.stderr)
+    elif failures:
         print(f"{failures} of {len(paths)} image(s) could not be read", file=sys.stderr)
     return 1 if failures or not results else 0

@@ -159,3 +159,21 @@ def test_no_network_gives_a_clear_message(tmp_path):
     assert "Traceback" not in completed.stderr
     assert "could not download MNIST" in completed.stderr
     assert "--data-dir" in completed.stderr
+
+
+def test_corrupted_gzip_is_reported(tutorial, tmp_path):
+    """Not truncated but damaged inside (zlib's own error): still a plain message."""
+    write_mnist_folder(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(tutorial.DataError, match="gzip"):
+        tutorial.load_mnist_from_folder(str(tmp_path))
+
+
+def test_balanced_subset_tops_up_when_a_digit_runs_out(tutorial):
+    labels = np.repeat(np.arange(10), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    chosen = tutorial.balanced_subset_indices(labels, 60_000, np.random.default_rng(0))
+    assert len(chosen) == len(set(chosen)) == 60_000

@@ -136,3 +136,16 @@ def test_learning_rate_warms_up_then_decays_to_zero(tutorial):
     rates = [float(schedule(step)) for step in (0, 50, 100, 550, 999)]
     assert rates[0] < rates[1] < rates[2] == max(rates)
     assert abs(rates[2] - 3e-3) < 1e-9 and rates[4] < 1e-6
+
+
+def test_exercise_variants_build_and_feature_maps_find_their_blocks(tutorial):
+    for options, parameters in (({"batchnorm": False}, 250_058 - 4 * 224),
+                                ({"pooling": False}, None), ({"dropout": False}, 250_058)):
+        model = tutorial.build_model(**options)
+        if parameters:
+            assert model.count_params() == parameters
+        assert len(tutorial.block_outputs(model)) == 3
+    no_pool = tutorial.build_model(pooling=False)
+    assert no_pool.get_layer("dense1").count_params() == 22 * 22 * 128 * 128 + 128  # 7.9 million
+    assert tutorial.block_outputs(tutorial.build_model()) == ["pool1", "pool2", "bn3"]
+    assert tutorial.build_dense_model().count_params() == 784 * 128 + 128 + 128 * 64 + 64 + 650
