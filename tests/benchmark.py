@@ -6,6 +6,7 @@ with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
     python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> +best
     python tests/benchmark.py --exercises     # the "Try this" variants, 1 epoch, seed 1
     python tests/benchmark.py --backends tensorflow jax torch   # the tutorial itself per backend
+                                  # (BENCHMARK_KEEP_OUTPUTS=DIR keeps each run's outputs)
     python tests/benchmark.py --jit           # compiled (XLA) or not, per backend, on this CPU
     python tests/benchmark.py --short         # a 2-minute check
 
@@ -120,7 +121,9 @@ def worker(config):
 
 def run_tutorial(config):
     """Run cnn_mnist_classifier.py itself, exactly as a user would, and read what it wrote."""
-    with tempfile.TemporaryDirectory() as output_dir:
+    keep = os.environ.get("BENCHMARK_KEEP_OUTPUTS")  # a folder: keep each run's outputs there
+    with tempfile.TemporaryDirectory() as temporary:
+        output_dir = os.path.join(keep, config["name"].replace(" ", "_")) if keep else temporary
         command = [sys.executable, SCRIPT, "--seed", str(config["seed"]), "--epochs",
                    str(config["epochs"]), "--output-dir", output_dir, "--no-show"]
         if os.environ.get("MNIST_DATA_DIR"):
