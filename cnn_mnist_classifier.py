@@ -1180,9 +1180,10 @@ else:
 # augmentation* on only 1,000 images for 30 epochs, at Adam's default constant rate. (With
 # BatchNorm, its moving averages need most of such a short run to settle, and the validation
 # curve shows that instead.) The training accuracy climbs to 100% and its loss towards 0,
-# while the validation accuracy stalls near 94% and the validation loss, after its lowest
-# point, turns back up: the network keeps getting surer of answers it has memorised,
-# including wrong ones. The run prints at which epoch the validation loss was lowest. The remedies are more data (or augmentation),
+# while the validation accuracy stalls near 94% and the validation loss stops falling and,
+# after its lowest point, creeps back up: the network keeps getting surer of answers it has
+# memorised, including wrong ones. The run prints at which epoch the validation loss was
+# lowest. The remedies are more data (or augmentation),
 # dropout, and stopping (or keeping the best epoch) when validation stops improving.
 
 # %%
