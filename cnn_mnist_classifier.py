@@ -456,15 +456,11 @@ print(f"Loaded MNIST from {DATA_SOURCE}: {x_train_all.shape[0]:,} training and "
 
 # %%
 print("\n## 4. Look at the data")
-FIGURES_WRITTEN = []
-
-
 def save_figure(figure, filename, output_dir):
     """Save a figure as PNG (atomically) and show it in a notebook."""
     path = os.path.join(output_dir, filename)
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110,
                                                             bbox_inches="tight"))
-    FIGURES_WRITTEN.append(path)
     print(f"  figure: {path}")
     if IN_NOTEBOOK:
         plt.show()
@@ -1085,10 +1081,7 @@ def train(model, batches, validation_data, epochs):
                   shuffle=False,  # the batches are already shuffled, anew every epoch
                   verbose="auto" if IN_NOTEBOOK else 2)
     except KeyboardInterrupt:
-        interrupted = True
-        if BACKEND == "jax":  # JAX holds the newest weights outside the model during fit
-            model.jax_state_sync()
-            model._jax_state = None
+        interrupted = True  # (Keras has already put the newest weights back in the model)
         print(f"\nTraining interrupted after {len(history.history.get('loss', []))} complete "
               "epoch(s). " + (f"Keeping the best weights so far (epoch {keep_best.best_epoch})"
                               if keep_best.best_weights else "Keeping the weights as they are")

@@ -54,7 +54,11 @@ def test_ctrl_c_in_training_keeps_the_best_weights_and_the_lesson_goes_on(tmp_pa
     assert "Training interrupted after" in stdout and "Keeping the best weights" in stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["interrupted"] is True and metrics["epochs_completed"] in (1, 2)
-    assert metrics["best_epoch"] >= 1 and metrics["test_accuracy"] > 0.5
+    assert metrics["best_epoch"] >= 1
+    # The kept weights are the best epoch's: above chance (10%), and the test score agrees with
+    # that epoch's validation score (after 1 of 3 epochs it is low: 41% on JAX, measured).
+    assert metrics["test_accuracy"] > 0.2
+    assert abs(metrics["test_accuracy"] - metrics["best_val_accuracy"]) < 0.1
     assert metrics["reload_predictions_match"] is True
     assert (tmp_path / "13_mistakes.png").is_file()  # the lesson ran to the end
 
