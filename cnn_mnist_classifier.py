@@ -1070,14 +1070,14 @@ class KeepBestWeights(keras.callbacks.Callback):
             self.best_weights = self.model.get_weights()
 
 
-def train(model, batches, validation_data, epochs):
+def train(model, batches, validation_data, epochs, extra_callbacks=()):
     """Fit; return (history, best epoch, seconds, interrupted). Ctrl-C stops training and
-    keeps the best weights so far."""
+    keeps the best weights so far. (extra_callbacks: for tests/benchmark.py.)"""
     keep_best, history = KeepBestWeights(), keras.callbacks.History()
     started, interrupted = time.perf_counter(), False
     try:
         model.fit(make_training_data(batches, epochs), validation_data=validation_data,
-                  epochs=epochs, steps_per_epoch=len(batches), callbacks=[keep_best, history],
+                  epochs=epochs, steps_per_epoch=len(batches), callbacks=[keep_best, history, *extra_callbacks],
                   shuffle=False,  # the batches are already shuffled, anew every epoch
                   verbose="auto" if IN_NOTEBOOK else 2)
     except KeyboardInterrupt:
@@ -1900,8 +1900,8 @@ def plot_predictions(rows):
 
 
 def predict_files(paths, model_path, output_dir):
-    """Read each image; print and save the guesses. Returns the exit code (1 if any failed)."""
-    prepare_output_dir(output_dir)
+    """Read each image; print and save the guesses. Returns the exit code (1 if any failed).
+    The output folder was checked at start-up (plumbing cell)."""
     model = load_trained_model(model_path)
     paths = expand_image_paths(paths)
     results, failures, started = [], 0, time.perf_counter()

@@ -48,6 +48,16 @@ def load_tutorial():
     return namespace["load_definitions"](SCRIPT)
 
 
+def last_epoch_weights_callback():
+    import keras
+
+    class LastEpochWeights(keras.callbacks.Callback):
+        """The weights as training ends, before train() restores the best epoch's."""
+        def on_train_end(self, logs=None):
+            self.weights = self.model.get_weights()
+    return LastEpochWeights()
+
+
 def worker(config):
     """Train one configuration in this process and print one JSON line with the results."""
     tutorial = load_tutorial()
@@ -94,12 +104,10 @@ def worker(config):
         augment = ((tutorial.MAX_ROTATION_DEGREES, tutorial.MAX_SHIFT_PIXELS)
                    if config.get("augment") else (0, 0))
         batches = tutorial.TrainingBatches(x_train, y_train, batch_size, seed, *augment)
-        keep_best = tutorial.KeepBestWeights()
-        history = model.fit(tutorial.make_training_data(batches, epochs),
-                            validation_data=(x_val, y_val), epochs=epochs,
-                            steps_per_epoch=len(batches), shuffle=False, callbacks=[keep_best],
-                            verbose=0).history
-        best_weights = keep_best.best_weights
+        last = last_epoch_weights_callback()
+        history, _, _, _ = tutorial.train(model, batches, (x_val, y_val), epochs, [last])
+        best_weights = model.get_weights()  # train() has put the best epoch's weights back
+        model.set_weights(last.weights)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     _, last_test = model.evaluate(x_test, y_test_onehot, batch_size=500, verbose=0)
     best_epoch = int(np.argmax(history["val_accuracy"])) + 1
