@@ -43,6 +43,7 @@ WARMUP_FRACTION = 0.3       # --warmup-fraction: share of all steps spent rampin
 LABEL_SMOOTHING = 0.0       # --label-smoothing: 0.1 would aim for 0.91, not 1.0, on the truth
 MAX_ROTATION_DEGREES = 8    # --max-rotation: augmentation rotates each image up to this much
 MAX_SHIFT_PIXELS = 2        # --max-shift: ... and shifts it up to this many pixels
+MAX_ZOOM = 0.0
 AUGMENT_MIN_EPOCHS = 5      # --augment-min-epochs: runs shorter than this are not augmented
 SEED = 1                    # --seed: same seed, settings, CPU machine, backend = same numbers
 PRECISION = "auto"          # --precision: auto (mixed on a GPU), float32 or mixed
@@ -63,9 +64,10 @@ SHOW_FIGURES = True         # a script with a screen opens windows (off: flag --
 
 
 # %% [markdown]
-# ## 2. Plumbing: flags, the Keras backend, safe files, Ctrl-C (skip on a first reading)
+# ## 2. Plumbing: flags, the Keras backend, safe files, Ctrl-C, the MNIST file reader
 #
-# Nothing in this cell is about neural networks; the lesson starts at section 3.
+# Skip this cell on a first reading: nothing in it is about neural networks, and the lesson
+# starts at section 3.
 
 # %%
 import argparse
@@ -273,50 +275,6 @@ def load_definitions(path):
     return module
 
 
-if RUNNING:
-    settings = parse_settings(sys.argv[1:], in_notebook=IN_NOTEBOOK)
-    prepare_output_dir(settings.output_dir)
-    stop_quietly_on_ctrl_c()
-BACKEND = chosen_backend()
-if RUNNING and settings.cpu:  # hide every GPU from every backend, before it starts
-    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-if RUNNING and settings.cpu_replicas > 1 and BACKEND == "jax":  # JAX: N devices on one CPU
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={settings.cpu_replicas}")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide TensorFlow's C++ log chatter
-
-import numpy as np
-import matplotlib
-
-HAS_DISPLAY = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-                   or sys.platform in ("win32", "darwin"))
-if RUNNING and not IN_NOTEBOOK and (not HAS_DISPLAY or settings.no_show or not SHOW_FIGURES):
-    matplotlib.use("Agg")  # draw into files only: never needs (or waits for) a screen
-import matplotlib.pyplot as plt
-import keras
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-
-if RUNNING and settings.predict and not IN_NOTEBOOK:  # no lesson: section 20 reads the images
-    sys.exit(load_definitions(__file__).predict_files(settings.predict, settings.model,
-                                                      settings.output_dir))
-
-
-# %% [markdown]
-# ## 3. Load MNIST
-#
-# MNIST has 60,000 training and 10,000 test images of handwritten digits, each 28x28 pixels
-# whose values measure ink: 0 is background, 255 is full ink (a grey colour map draws that
-# as white on black). Each comes with its label, 0-9. Keras downloads MNIST once and caches
-# it; offline, point `--data-dir` (or `MNIST_DATA_DIR`) at a folder with the four original
-# files (IDX format, gzipped or not) or a Keras-style `mnist.npz`.
-#
-# The IDX format is simple: a 4-byte *magic number* saying what the file holds (0x803 images,
-# 0x801 labels), the counts and sizes, then one byte per pixel or label. Every part is
-# checked, so a truncated download is reported plainly instead of training on garbage.
-
-# %%
-print("\n## 3. Load MNIST")
 IDX_IMAGES_MAGIC = 0x00000803  # "unsigned bytes, 3 dimensions"
 IDX_LABELS_MAGIC = 0x00000801  # "unsigned bytes, 1 dimension"
 MNIST_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
@@ -440,6 +398,51 @@ def load_mnist(data_dir=None):
         "keras.datasets.mnist (downloaded or cached)"
 
 
+if RUNNING:
+    settings = parse_settings(sys.argv[1:], in_notebook=IN_NOTEBOOK)
+    prepare_output_dir(settings.output_dir)
+    stop_quietly_on_ctrl_c()
+BACKEND = chosen_backend()
+if RUNNING and settings.cpu:  # hide every GPU from every backend, before it starts
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+if RUNNING and settings.cpu_replicas > 1 and BACKEND == "jax":  # JAX: N devices on one CPU
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={settings.cpu_replicas}")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide TensorFlow's C++ log chatter
+
+import numpy as np
+import matplotlib
+
+HAS_DISPLAY = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                   or sys.platform in ("win32", "darwin"))
+if RUNNING and not IN_NOTEBOOK and (not HAS_DISPLAY or settings.no_show or not SHOW_FIGURES):
+    matplotlib.use("Agg")  # draw into files only: never needs (or waits for) a screen
+import matplotlib.pyplot as plt
+import keras
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+if RUNNING and settings.predict and not IN_NOTEBOOK:  # no lesson: section 20 reads the images
+    sys.exit(load_definitions(__file__).predict_files(settings.predict, settings.model,
+                                                      settings.output_dir))
+
+
+# %% [markdown]
+# ## 3. Load MNIST
+#
+# MNIST has 60,000 training and 10,000 test images of handwritten digits, each 28x28 pixels
+# whose values measure ink: 0 is background, 255 is full ink (a grey colour map draws that
+# as white on black). Each comes with its label, 0-9. Keras downloads MNIST once and caches
+# it; offline, point `--data-dir` (or `MNIST_DATA_DIR`) at a folder with the four original
+# files (IDX format, gzipped or not) or a Keras-style `mnist.npz`.
+#
+# The IDX format is simple: a 4-byte *magic number* saying what the file holds (0x803 images,
+# 0x801 labels), the counts and sizes, then one byte per pixel or label. The reader
+# (`read_idx_file`, in section 2) checks every part, so a truncated download is reported
+# plainly instead of training on garbage.
+
+# %%
+print("\n## 3. Load MNIST")
 (x_train_all, y_train_all, x_test_raw, y_test), DATA_SOURCE = load_mnist(settings.data_dir)
 print(f"Loaded MNIST from {DATA_SOURCE}: {x_train_all.shape[0]:,} training and "
       f"{x_test_raw.shape[0]:,} test images of {x_train_all.shape[1]}x{x_train_all.shape[2]} "
@@ -605,7 +608,7 @@ print(f"train {x_train.shape}, validation {x_val.shape}, test {x_test.shape}; "
 print("\n## 6. Data augmentation: more handwriting for free")
 
 
-def shift_and_rotate(images, rng, max_degrees, max_shift):
+def shift_and_rotate(images, rng, max_degrees, max_shift, max_zoom=0.0):
     """Rotate each image by up to max_degrees and shift it by up to max_shift pixels, at
     random; (N, 28, 28, 1) float32 in and out. Outside the image counts as background."""
     count, size = images.shape[0], images.shape[1]
@@ -614,6 +617,9 @@ def shift_and_rotate(images, rng, max_degrees, max_shift):
     centre = (size - 1) / 2
     grid = np.arange(size, dtype=np.float32) - centre
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    if max_zoom:
+        zoom = rng.uniform(1 - max_zoom, 1 + max_zoom, count).astype(np.float32)[:, None, None]
+        cos, sin = cos / zoom, sin / zoom
     y = grid[None, :, None] - shift[0][:, None, None]  # shift back ...
     x = grid[None, None, :] - shift[1][:, None, None]
     source_y = np.clip(cos * y - sin * x + centre + 1, 0, size + 1)  # ... rotate back
@@ -634,10 +640,12 @@ class TrainingBatches(keras.utils.PyDataset):
     """Batch `index` of each epoch: a new shuffle every epoch, augmented if asked. Every
     batch depends only on (seed, epoch, index), so a run can be repeated exactly."""
 
-    def __init__(self, images, labels, batch_size, seed, max_degrees=0, max_shift=0):
+    def __init__(self, images, labels, batch_size, seed, max_degrees=0, max_shift=0,
+                 max_zoom=0.0):
         super().__init__()
         self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
         self.max_degrees, self.max_shift, self.epoch = max_degrees, max_shift, 0
+        self.max_zoom = max_zoom
 
     def __len__(self):
         return math.ceil(len(self.images) / self.batch_size)
@@ -646,9 +654,10 @@ class TrainingBatches(keras.utils.PyDataset):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
         rows = np.sort(order[index * self.batch_size:(index + 1) * self.batch_size])
         images = self.images[rows]
-        if self.max_degrees or self.max_shift:
+        if self.max_degrees or self.max_shift or self.max_zoom:
             rng = np.random.default_rng([self.seed, epoch, index])
-            images = shift_and_rotate(images, rng, self.max_degrees, self.max_shift)
+            images = shift_and_rotate(images, rng, self.max_degrees, self.max_shift,
+                                      self.max_zoom)
         return images, self.labels[rows].astype(np.float32)
 
     def __getitem__(self, index):

@@ -100,9 +100,12 @@ def worker(config):
                                                             tutorial.WARMUP_FRACTION)
         else:
             schedule = 1e-3
-        tutorial.compile_model(model, schedule, tutorial.LABEL_SMOOTHING, jit)
-        augment = ((tutorial.MAX_ROTATION_DEGREES, tutorial.MAX_SHIFT_PIXELS)
-                   if config.get("augment") else (0, 0))
+        tutorial.compile_model(model, schedule,
+                               config.get("label_smoothing", tutorial.LABEL_SMOOTHING), jit)
+        augment = ((config.get("rotation", tutorial.MAX_ROTATION_DEGREES),
+                    config.get("shift", tutorial.MAX_SHIFT_PIXELS),
+                    config.get("zoom", tutorial.MAX_ZOOM))
+                   if config.get("augment") else (0, 0, 0))
         batches = tutorial.TrainingBatches(x_train, y_train, batch_size, seed, *augment)
         last = last_epoch_weights_callback()
         history, _, _, _ = tutorial.train(model, batches, (x_val, y_val), epochs, [last])
