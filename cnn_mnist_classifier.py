@@ -595,8 +595,9 @@ print(f"train {x_train.shape}, validation {x_val.shape}, test {x_test.shape}; "
 # neighbour. Plain NumPy, so it works on every backend.
 #
 # Augmentation only pays once a network has trained long enough to start memorising. In 10-epoch
-# runs it added about 0.07 test points on every seed (section 10's table); in earlier sweeps
-# on the validation images, runs of 1 and 3 epochs scored higher without it. So it is used
+# runs it added about 0.07 test points on average, and every seed ended above the best seed
+# without it (section 10's table). In the 1-epoch tour it did not help (the "Try this" below),
+# and an earlier session's validation sweeps found the same for 3 epochs. So it is used
 # only in runs of `AUGMENT_MIN_EPOCHS` (5) epochs or more: such runs augment from their first
 # epoch on, shorter runs train on the plain images.
 #
@@ -829,9 +830,10 @@ if not ON_GPU:
 # ## 8. Build the model
 #
 # **Convolution.** A 3x3 filter is 9 weights. Laid on a 3x3 patch of the image, each weight
-# multiplies the pixel under it and the 9 products are summed. A vertical-stroke filter with
-# columns (-1, 2, -1) gives 2+2+2 = 6 on a patch with a vertical line of ink down its middle,
-# and 0 on blank paper: a large output means "my pattern is here". The filter slides over
+# multiplies the pixel under it and the 9 products are summed. A vertical-stroke filter has
+# every row (-1, 2, -1): its left column is -1s, its middle 2s, its right -1s. On a patch
+# with a line of full ink (1) down its middle it gives 2+2+2 = 6; on blank paper 0, and on a
+# patch all ink also 0 (6 - 3 - 3): a large output means "my pattern is here". It slides over
 # every position (stride 1: one pixel at a time), and the *same* 9 weights are used
 # everywhere (*weight sharing*): a stroke detector works anywhere in the image, and the first
 # layer's 32 filters need only 3*3*32 + 32 = 320 parameters. Padding decides the edges:
@@ -846,21 +848,30 @@ if not ON_GPU:
 # (stride 2): the width and height halve, rounded down (26 -> 13, 11 -> 5). Each block sees
 # more of the digit: one value after conv1 depends on 3x3 input pixels (its *receptive
 # field*), after pool1 on 4x4, conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image.
+# The rule: a 3x3 convolution adds 2 steps, a 2x2 pool 1 step, where a step is the distance
+# between neighbouring values, which each pool doubles: 3, 3+1 = 4, 4+2*2 = 8, 8+1*2 = 10,
+# 10+2*4 = 18.
 #
-# **BatchNormalization** rescales each channel to mean 0 and spread 1 (then a learned scale and
-# offset), which keeps training stable at larger learning rates. In *training* it uses the
+# **BatchNormalization** rescales each channel to mean 0 and standard deviation 1 (then a
+# learned scale and offset): values (2, 4, 6) have mean 4 and standard deviation 1.63, and
+# become (-1.22, 0, 1.22). This keeps training stable at larger learning rates (the size of
+# the weight updates, section 9). In *training* it uses the
 # current batch's mean and variance; at *test* time it uses moving averages collected during
 # training, updated each step as average = momentum * average + (1 - momentum) * batch value.
 # (A *step* updates the weights once, on one batch of images; section 9.)
-# Momentum 0.99 means the average mostly reflects the last 1 / (1 - 0.99) = 100 steps: fine for
-# the default run (4,220 steps), far too slow for a 43-step tour. So we use
-# 1 - 10 / steps, capped to [0.5, 0.99]: 0.99 for the default run (the rule alone would give
-# 0.9976), 0.976 for one epoch of 422 steps, 0.767 for `--quick`.
+# (This momentum has nothing to do with the optimizer's.) Momentum 0.99 means the average
+# mostly reflects the last 1 / (1 - 0.99) = 100 steps. In a short run that is too slow, for
+# two reasons: after 43 steps (`--quick`) 0.99^43 = 65% of the starting guess (mean 0,
+# variance 1) is still in the average; and in one epoch of 422 steps the weights change so
+# much that the last 100 steps' statistics come from quite different networks than the one
+# we end with. So we use 1 - 10 / steps, capped to [0.5, 0.99]: 0.99 for the default run of
+# 4,220 steps (the rule alone would give 0.9976), 0.976 for one epoch, 0.767 for `--quick`.
 #
 # **Dropout** with rate p sets each unit to 0 with probability p in training and multiplies
 # the survivors by 1 / (1 - p), so the sum stays the same on average: with p = 0.5,
 # (1, 2, 3, 4) might become (2, 0, 6, 0). At test time it does nothing. The network cannot rely
-# on any single unit, which fights overfitting.
+# on any single unit, which fights overfitting. Ours drops with p = 0.5 after the first
+# Dense layer and p = 0.3 after the second.
 #
 # **Logits and softmax.** The last layer gives 10 scores, the *logits* z. Softmax turns them
 # into probabilities: p_i = exp(z_i) / (exp(z_1) + ... + exp(z_10)). Three logits (2.0, 1.0,
@@ -973,8 +984,14 @@ def build_dense_model():
 # gradient 2, learning rate 0.01: 0.5 - 0.02 = 0.48). Each step uses one *batch* of 128
 # images; 54,000 training images make 422 steps (the last batch has 112 images), which is
 # one *epoch*; the default run is 10 epochs, 4,220 steps. *Adam* is gradient descent that
-# also keeps a running average of each weight's gradients and of their size, and so adapts
-# the step per weight.
+# also keeps, per weight, a running average of its gradients (factor 0.9: about the last 10
+# steps) and of their squares (0.999: about the last 1,000), and divides the first by the
+# square root of the second. So each weight moves by roughly the learning rate per step,
+# whether its gradients are near 0.001 or near 1,000: the step adapts to each weight.
+#
+# **Label smoothing** (`--label-smoothing`, off by default) would soften the one-hot target:
+# with 0.1, the target is 0.9 * one-hot + 0.1 / 10, so 0.91 for the right digit and 0.01 for
+# each other one. The network is then never pushed to be 100% sure.
 #
 # **Loss and metric.** The loss is what training optimizes: it is smooth, so it has a
 # gradient. *Accuracy*, the share of images whose most probable digit is right, is what
@@ -988,10 +1005,12 @@ def build_dense_model():
 #
 # * **Warm-up** (the first 30% of the steps): at the start the weights are random and Adam's
 #   averages are poor, so big steps can throw training off. The rate ramps from a tenth of
-#   the peak up to 6e-3, six times Keras' default of 1e-3.
+#   the peak, 6e-4, up to 6e-3, six times Keras' default of 1e-3, over the first 1,266 of
+#   the 4,220 steps (3 epochs).
 # * **Cosine decay** (the rest): large steps explore early; small steps at the end settle
-#   into a good minimum instead of bouncing around it. The rate glides to zero at the last
-#   step. Defined over the *total* number of steps, the same recipe fits any run length.
+#   into a good minimum instead of bouncing around it. The rate follows half a cosine: 3e-3
+#   halfway through the decay (step 2,743), zero at the last step. Defined over the *total*
+#   number of steps, the same recipe fits any run length. Figure 05 draws it.
 
 # %%
 print("\n## 9. Compile: loss, optimizer, learning rate")
@@ -1024,8 +1043,9 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
       f"accuracy {untrained_accuracy:.1%} (chance: 10%)")
 
 # Try this: `--peak-learning-rate 0.06`, ten times ours, with `--epochs 1`: the test accuracy
-# was 11.35%, chance, against 98.96% with ours (seed 1, measured as in section 8): with
-# steps that big, training never settles.
+# was 11.35%, against 98.96% with ours (seed 1, measured as in section 8). 11.35% is exactly
+# the share of 1s among the 10,000 test digits: the score of a network that answers "1" to
+# everything. With steps that big, training diverged and collapsed to a single answer.
 
 
 # %% [markdown]
@@ -1056,11 +1076,14 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
 # epoch was the 9th or 10th); it is insurance for runs that end worse than they were. The
 # BatchNorm momentum rule changes nothing in a 10-epoch run (it gives 0.99, the default), but
 # for one epoch it is the difference between 75.3% (61.1-83.4) and 98.88% (98.77-98.96) test
-# accuracy, seeds 1-3. All our recipe's runs took 1.07 times the CPU time of the plain ones.
+# accuracy, seeds 1-3. Our recipe's runs took 1.07 times the CPU time of the plain ones, on
+# average.
 #
-# On 6,000 validation images one image is 0.017 points, and at 99.4% the standard error of an
-# accuracy is about 0.1 points; on 10,000 test images, about 0.08. A difference smaller than
-# the spread between seeds is a tie, not a gain.
+# On 6,000 validation images one image is 0.017 points. The *standard error* of an accuracy p
+# measured on n images, sqrt(p * (1 - p) / n), says how far it could move by the luck of
+# which images were picked: at 99.4%, sqrt(0.994 * 0.006 / 6000) = 0.1 points on the
+# validation images, and 0.08 on 10,000 test images. A difference smaller than the spread
+# between seeds is a tie, not a gain.
 
 # %%
 print("\n## 10. Train")
@@ -1086,7 +1109,8 @@ def train(model, batches, validation_data, epochs, extra_callbacks=()):
     started, interrupted = time.perf_counter(), False
     try:
         model.fit(make_training_data(batches, epochs), validation_data=validation_data,
-                  epochs=epochs, steps_per_epoch=len(batches), callbacks=[keep_best, history, *extra_callbacks],
+                  epochs=epochs, steps_per_epoch=len(batches),
+                  callbacks=[keep_best, history, *extra_callbacks],
                   shuffle=False,  # the batches are already shuffled, anew every epoch
                   verbose="auto" if IN_NOTEBOOK else 2)
     except KeyboardInterrupt:
@@ -1180,8 +1204,9 @@ else:
 # A network with enough weights can memorise its training images instead of learning what
 # makes a digit. To see it happen: train a fresh copy *without dropout, BatchNorm or
 # augmentation* on only 1,000 images for 30 epochs, at Adam's default constant rate. (With
-# BatchNorm, its moving averages need most of such a short run to settle, and the validation
-# curve shows that instead.) The training accuracy climbs to 100% and its loss towards 0,
+# BatchNorm, whose moving averages remember about 100 steps, such a run of 8 steps per epoch,
+# 240 in all, spends most of its time letting them settle, and the validation curve shows
+# that instead.) The training accuracy climbs to 100% and its loss towards 0,
 # while the validation accuracy stalls near 94% and the validation loss stops falling and,
 # after its lowest point, creeps back up: the network keeps getting surer of answers it has
 # memorised, including wrong ones. The run prints at which epoch the validation loss was
@@ -1572,7 +1597,9 @@ metrics = {
     "seconds_per_epoch": round(training_seconds / max(len(history.get("loss", [])), 1), 2),
     "parameters": int(model.count_params()), "backend": BACKEND, "device": DEVICE,
     "precision": PRECISION_POLICY, "jit_compile": bool(JIT_COMPILE),
-    "keras_version": keras.__version__, "seed": settings.seed, "data_source": DATA_SOURCE,
+    "keras_version": keras.__version__, "backend_version": str(sys.modules[BACKEND].__version__),
+    "python_version": sys.version.split()[0],
+    "seed": settings.seed, "data_source": DATA_SOURCE,
     "overfit_final_train_accuracy": round(float(overfit_history["accuracy"][-1]), 6),
     "overfit_final_val_accuracy": round(float(overfit_history["val_accuracy"][-1]), 6),
     "peak_memory_mb": peak_memory_mb(), "reload_predictions_match": same,
@@ -1613,7 +1640,7 @@ print("\n## 19. Try your own digit")
 MAX_IMAGE_PIXELS = 25_000_000  # larger images are refused (a 25-megapixel photo is plenty)
 WORKING_SIZE = 600             # photos are shrunk to at most this many pixels per side first
 MNIST_CENTRE_OF_MASS = 14.0    # measured: MNIST digits' centre of mass is at row 14, column 14
-MNIST_STROKE_WIDTH = 2.6       # measured: median stroke width of MNIST test digits, in pixels
+MNIST_STROKE_WIDTH = 2.9       # median of stroke_width(image > 0.5) on the MNIST test digits
 
 
 class ImageProblem(Exception):
@@ -1724,7 +1751,7 @@ def prepare_digit(image):
     # 5. Longer side -> 20 pixels, aspect ratio kept, averaging pixels (anti-aliasing).
     crop_height, crop_width = cropped.shape
     factor = 20.0 / max(crop_height, crop_width)
-    # A fine pen on a large digit gives strokes far thinner than MNIST's (about 2.6 pixels
+    # A fine pen on a large digit gives strokes far thinner than MNIST's (about 2.9 pixels
     # after scaling). Thicken them first, by taking the brightest pixel in a small window.
     missing = (MNIST_STROKE_WIDTH - stroke_width(cropped > 0.5) * factor) / factor
     if missing >= 2:

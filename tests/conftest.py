@@ -34,7 +34,8 @@ EXPECTED_FIGURES = [
 METRIC_KEYS = [
     "test_accuracy", "test_loss", "untrained_loss", "best_val_accuracy", "best_epoch", "epochs",
     "training_seconds", "parameters", "backend", "device", "precision", "jit_compile",
-    "keras_version", "seed", "data_source", "peak_memory_mb", "reload_largest_difference",
+    "keras_version", "backend_version", "python_version", "seed", "data_source",
+    "peak_memory_mb", "reload_largest_difference",
 ]
 
 

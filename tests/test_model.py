@@ -149,3 +149,40 @@ def test_exercise_variants_build_and_feature_maps_find_their_blocks(tutorial):
     assert no_pool.get_layer("dense1").count_params() == 22 * 22 * 128 * 128 + 128  # 7.9 million
     assert tutorial.block_outputs(tutorial.build_model()) == ["pool1", "pool2", "bn3"]
     assert tutorial.build_dense_model().count_params() == 784 * 128 + 128 + 128 * 64 + 64 + 650
+
+
+def test_schedule_numbers_stated_in_section_9(tutorial):
+    """Warm-up 6e-4 -> 6e-3 over 1,266 steps (3 epochs), 3e-3 at step 2,743, 0 at 4,220."""
+    schedule = tutorial.make_learning_rate_schedule(4220, tutorial.PEAK_LEARNING_RATE,
+                                                    tutorial.WARMUP_FRACTION)
+    assert int(4220 * tutorial.WARMUP_FRACTION) == 1266 == 3 * 422
+    assert abs(float(schedule(0)) - 6e-4) < 1e-9 and abs(float(schedule(1266)) - 6e-3) < 1e-9
+    assert 1266 + (4220 - 1266) // 2 == 2743 and abs(float(schedule(2743)) - 3e-3) < 1e-5
+    assert float(schedule(4220)) < 1e-9
+
+
+def test_batchnorm_and_momentum_examples_in_section_8():
+    values = np.array([2.0, 4.0, 6.0])
+    assert round(values.std(), 2) == 1.63
+    assert [round(v, 2) for v in (values - values.mean()) / values.std()] == [-1.22, 0.0, 1.22]
+    assert round(0.99 ** 43, 2) == 0.65
+    stroke = np.tile([-1.0, 2.0, -1.0], (3, 1))  # the vertical-stroke filter
+    line, blank, full = np.tile([0.0, 1.0, 0.0], (3, 1)), np.zeros((3, 3)), np.ones((3, 3))
+    assert [(stroke * patch).sum() for patch in (line, blank, full)] == [6.0, 0.0, 0.0]
+
+
+def test_standard_errors_and_label_smoothing_stated_in_the_lesson():
+    assert round(100 * (0.994 * 0.006 / 6000) ** 0.5, 1) == 0.1
+    assert round(100 * (0.994 * 0.006 / 10000) ** 0.5, 2) == 0.08
+    target = 0.9 * np.eye(10)[3] + 0.1 / 10
+    assert round(target[3], 2) == 0.91 and round(target[0], 2) == 0.01
+
+
+def test_mnist_numbers_stated_in_the_lesson(tutorial):
+    """11.35% is the share of 1s in the test set (the lr x10 exercise); the photo pipeline's
+    target stroke width is the median over the test digits."""
+    from conftest import DATA_DIR
+    (_, _, test_images, test_labels), _ = tutorial.load_mnist(DATA_DIR)
+    assert np.mean(test_labels == 1) == 0.1135
+    widths = [tutorial.stroke_width(image > 127) for image in test_images]
+    assert abs(np.median(widths) - tutorial.MNIST_STROKE_WIDTH) < 0.05
