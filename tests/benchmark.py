@@ -3,7 +3,8 @@
 Not collected by pytest (the name does not start with test_). Run by hand from the project root,
 with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
 
-    python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> +best
+    python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> ours
+    python tests/benchmark.py --sweep         # label smoothing and zoom, alone and together
     python tests/benchmark.py --exercises     # the "Try this" variants, 1 epoch, seed 1
     python tests/benchmark.py --backends tensorflow jax torch   # the tutorial itself per backend
                                   # (BENCHMARK_KEEP_OUTPUTS=DIR keeps each run's outputs)
@@ -189,12 +190,30 @@ def progression_configs(seeds):
     for seed in seeds:
         configs += [
             {"kind": "plain", "name": "plain", "seed": seed, "epochs": 10},
-            {"kind": "recipe", "name": "+ warm-up/cosine", "seed": seed, "epochs": 10},
+            {"kind": "recipe", "name": "+ warm-up/cosine", "seed": seed, "epochs": 10,
+             "label_smoothing": 0},
             {"kind": "recipe", "name": "+ augmentation", "seed": seed, "epochs": 10,
-             "augment": True},
+             "augment": True, "zoom": 0, "label_smoothing": 0},
+            {"kind": "recipe", "name": "+ zoom, label smoothing (ours)", "seed": seed,
+             "epochs": 10, "augment": True},
             {"kind": "recipe", "name": "1 epoch, BN momentum 0.99", "seed": seed, "epochs": 1,
              "bn": "default"},
             {"kind": "recipe", "name": "1 epoch, BN momentum rule", "seed": seed, "epochs": 1},
+        ]
+    return configs
+
+
+def sweep_configs(seeds):
+    """The variants tried before the zoom and label smoothing were chosen (on validation)."""
+    configs = []
+    for seed in seeds:
+        configs += [
+            {"kind": "recipe", "name": "shift, rotate + label smoothing", "seed": seed,
+             "epochs": 10, "augment": True, "zoom": 0},
+            {"kind": "recipe", "name": "shift, rotate + zoom", "seed": seed, "epochs": 10,
+             "augment": True, "label_smoothing": 0},
+            {"kind": "recipe", "name": "shift, rotate + zoom + label smoothing (ours)",
+             "seed": seed, "epochs": 10, "augment": True},
         ]
     return configs
 
@@ -223,6 +242,7 @@ def summarise(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--progression", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--exercises", action="store_true")
     parser.add_argument("--backends", nargs="+", metavar="BACKEND")
     parser.add_argument("--jit", action="store_true")
@@ -240,6 +260,8 @@ def main():
     configs = []
     if args.progression:
         configs += progression_configs(args.seeds)
+    if args.sweep:
+        configs += sweep_configs(args.seeds)
     if args.exercises:
         configs += [{"kind": "recipe", "name": f"exercise {variant or 'base'}", "seed": 1,
                      "epochs": 1, "variant": variant}

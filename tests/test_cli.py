@@ -60,6 +60,7 @@ def test_unknown_flag_is_an_error_in_a_script(tutorial, capsys):
     (["--label-smoothing", "-0.1"], "--label-smoothing must be from 0 to below 1"),
     (["--max-rotation", "200"], "--max-rotation must be 0-180 degrees"),
     (["--max-shift", "-1"], "--max-shift must be 0-14 pixels"),
+    (["--max-zoom", "1"], "--max-zoom must be from 0 to below 1"),
     (["--precision", "half"], "invalid choice"),
     (["--jit", "maybe"], "invalid choice"),
 ])
@@ -81,7 +82,7 @@ def test_help_shows_every_flag_with_its_default():
     for flag in ("--epochs", "--batch-size", "--validation-split", "--train-subset", "--seed",
                  "--data-dir", "--output-dir", "--no-show", "--quick", "--predict", "--model",
                  "--peak-learning-rate", "--warmup-fraction", "--label-smoothing",
-                 "--max-rotation", "--max-shift", "--augment-min-epochs", "--precision",
+                 "--max-rotation", "--max-shift", "--max-zoom", "--augment-min-epochs", "--precision",
                  "--jit", "--cpu", "--cpu-replicas"):
         assert flag in completed.stdout
     assert re.search(r"--batch-size BATCH_SIZE\s+images per step \(default: 128\)",
