@@ -186,3 +186,41 @@ def test_mnist_numbers_stated_in_the_lesson(tutorial):
     assert np.mean(test_labels == 1) == 0.1135
     widths = [tutorial.stroke_width(image > 127) for image in test_images]
     assert abs(np.median(widths) - tutorial.MNIST_STROKE_WIDTH) < 0.05
+
+
+def test_zoom_scales_the_digit(tutorial):
+    """A zoom factor of 1.25 makes an 8x8 square of ink 10x10; 0.9-1.1 keeps the ink area
+    within 0.81-1.21 times."""
+    square = np.zeros((1, 28, 28, 1), np.float32)
+    square[0, 10:18, 10:18] = 1.0
+
+    class FixedZoom:  # angle 0, shift 0, zoom 1.25
+        def uniform(self, low, high, size):
+            return np.full(size, 1.25) if low == 0.75 else np.zeros(size)
+    zoomed = tutorial.shift_and_rotate(square, FixedZoom(), 0, 0, 0.25)
+    assert (square > 0.5).sum() == 64 and (zoomed > 0.5).sum() == 100
+    many = tutorial.shift_and_rotate(np.repeat(square, 64, 0), np.random.default_rng(1), 0, 0,
+                                     tutorial.MAX_ZOOM)
+    areas = many.sum(axis=(1, 2, 3)) / 64
+    assert 0.81 - 0.02 <= areas.min() < 0.95 and 1.05 < areas.max() <= 1.21 + 0.02
+
+
+def test_label_smoothing_numbers_stated_in_section_9(tutorial):
+    """Target 0.91 / 0.01; the lowest possible loss 0.50; a uniform guess still costs ln 10."""
+    import keras
+    smoothing = tutorial.LABEL_SMOOTHING
+    target = np.eye(10, dtype=np.float32)[[3]]
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    smoothed = (1 - smoothing) * target + smoothing / 10
+    assert round(float(loss(target, smoothed)), 2) == 0.50
+    assert round(float(loss(target, np.full((1, 10), 0.1, np.float32))), 2) == 2.30
+
+
+def test_lowest_possible_loss_is_the_loss_of_the_target_itself(tutorial):
+    import keras
+    assert tutorial.lowest_possible_loss(0.0) == 0.0
+    for smoothing in (0.05, 0.1, 0.3):
+        target = (1 - smoothing) * np.eye(10, dtype=np.float32)[[7]] + smoothing / 10
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        assert abs(float(loss(np.eye(10)[[7]], target)) -
+                   tutorial.lowest_possible_loss(smoothing)) < 1e-5
