@@ -268,6 +268,8 @@ def main():
                     for variant in ("", "no_bn", "no_pool", "same", "dense")]
         configs.append({"kind": "recipe", "name": "exercise lr x10", "seed": 1, "epochs": 1,
                         "lr_factor": 10})
+        configs.append({"kind": "recipe", "name": "exercise lr x10, no label smoothing",
+                        "seed": 1, "epochs": 1, "lr_factor": 10, "label_smoothing": 0})
     if args.jit:
         for backend in ("tensorflow", "jax", "torch"):
             configs += [{"kind": "recipe", "name": f"jit {jit} {backend}", "seed": 1,
