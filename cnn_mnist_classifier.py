@@ -603,8 +603,8 @@ print(f"train {x_train.shape}, validation {x_val.shape}, test {x_test.shape}; "
 # Augmentation only pays once a network has trained long enough to start memorising. In 10-epoch
 # runs shifts and rotations added about 0.07 test points on average, and every seed ended
 # above the best seed without them; the zoom, together with label smoothing (section 9),
-# about 0.08 more (section 10's table). In the 1-epoch tour it did not help (the "Try this" below),
-# and an earlier session's validation sweeps found the same for 3 epochs. So it is used
+# about 0.08 more (section 10's table). In the 1-epoch tour it hurt (the "Try this" below),
+# and an earlier session's validation sweeps found no gain for 3 epochs. So it is used
 # only in runs of `AUGMENT_MIN_EPOCHS` (5) epochs or more: such runs augment from their first
 # epoch on, shorter runs train on the plain images.
 #
@@ -725,10 +725,10 @@ save_figure(plot_augmentation(x_train[:3], settings.seed + 1, *shown_augmentatio
 
 # Try this: `--quick --augment-min-epochs 1` augments even the one-epoch tour. Measured (seed 1,
 # TensorFlow, README's CPU): test 91.91% with it against 93.89% without; validation 91.33%
-# with, 94.00% without (16 of the 600 images). `--max-rotation 45` as well: 80.87%. In 43
-# steps the network has not yet learned the plain digits, and harder ones only slow it down;
-# too much distortion makes digits that no one writes (a 6 turned far enough starts to look
-# like something else).
+# with, 94.00% without (16 of the 600 images). `--max-rotation 45` as well: 80.87%. Our
+# reading: in 43 steps the network is still learning the plain digits, and harder versions
+# slow that down; and too much distortion makes digits that no one writes (a 6 turned far
+# enough starts to look like something else).
 
 
 # %% [markdown]
@@ -1102,19 +1102,19 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
 # test 99.53% (99.51-99.55); zoom alone, validation 99.38% (99.28-99.43), test 99.53%
 # (99.52-99.55).
 #
-# The schedule and the shift-and-rotate augmentation each moved every seed's validation and
-# test accuracy above the previous row's range: real gains, of about 0.2 and 0.07 test
-# points. The fourth row was chosen on validation, where it is a tie: its mean was the
-# highest of the three variants tried, but by less than the spread between seeds. On the test
-# set (reported beside it, never used to choose) every seed of all three variants
-# (99.51-99.59) is above the shift-and-rotate row's range (99.47-99.49), a gain of about 0.08
-# points that 6,000 validation images were too few to show. (Had we chosen by the test
-# score, it would no longer be an honest estimate.) Keeping the best epoch is a tie here too (the best epoch was
-# the 9th or 10th); it is insurance for runs that end worse than they were. The BatchNorm
-# momentum rule changes nothing in a 10-epoch run (it gives 0.99, the default), but for one
-# epoch it is the difference between 82.5% (77.9-87.0) and 98.89% (98.84-98.95) test accuracy,
-# seeds 1-3. Our recipe's runs took 1.01 times the CPU time of the plain ones, on average
-# (322.1 s against 318.6 s per 10-epoch run, run side by side).
+# The schedule and the shift-and-rotate augmentation each moved every seed's validation and test
+# accuracy above the previous row's range: real gains, of about 0.2 and 0.07 test points. The
+# fourth row was chosen on validation, where it is a tie: its mean was the highest of the three
+# variants tried, but by less than the spread between seeds. On the test set (reported beside
+# it, never used to choose) every seed of all three variants (99.51-99.59) is above the
+# shift-and-rotate row's range (99.47-99.49), a gain of about 0.08 points that 6,000 validation
+# images were too few to show. (Had we chosen by the test score, it would no longer be an honest
+# estimate.) Keeping the best epoch is a tie here too (the best epoch was the 9th or 10th); it
+# is insurance for runs that end worse than they were. The BatchNorm momentum rule changes
+# nothing in a 10-epoch run (it gives 0.99, the default), but for one epoch it is the difference
+# between 82.5% (77.9-87.0) and 98.89% (98.84-98.95) test accuracy, seeds 1-3. Our recipe's runs
+# took 1.01 times the CPU time of the plain ones, on average (322.1 s against 318.6 s per
+# 10-epoch run, run side by side).
 #
 # On 6,000 validation images one image is 0.017 points. The *standard error* of an accuracy p
 # measured on n images, sqrt(p * (1 - p) / n), says how far it could move by the luck of

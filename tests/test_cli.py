@@ -82,8 +82,8 @@ def test_help_shows_every_flag_with_its_default():
     for flag in ("--epochs", "--batch-size", "--validation-split", "--train-subset", "--seed",
                  "--data-dir", "--output-dir", "--no-show", "--quick", "--predict", "--model",
                  "--peak-learning-rate", "--warmup-fraction", "--label-smoothing",
-                 "--max-rotation", "--max-shift", "--max-zoom", "--augment-min-epochs", "--precision",
-                 "--jit", "--cpu", "--cpu-replicas"):
+                 "--max-rotation", "--max-shift", "--max-zoom", "--augment-min-epochs",
+                 "--precision", "--jit", "--cpu", "--cpu-replicas"):
         assert flag in completed.stdout
     assert re.search(r"--batch-size BATCH_SIZE\s+images per step \(default: 128\)",
                      completed.stdout)
