@@ -616,7 +616,7 @@ print(f"train {x_train.shape}, validation {x_val.shape}, test {x_test.shape}; "
 print("\n## 6. Data augmentation: more handwriting for free")
 
 
-def shift_and_rotate(images, rng, max_degrees, max_shift, max_zoom=0.0):
+def shift_rotate_zoom(images, rng, max_degrees, max_shift, max_zoom=0.0):
     """Rotate each image by up to max_degrees, shift it by up to max_shift pixels and scale it
     by a factor from 1 - max_zoom to 1 + max_zoom, at random; (N, 28, 28, 1) float32 in and
     out. Outside the image counts as background."""
@@ -664,8 +664,8 @@ class TrainingBatches(keras.utils.PyDataset):
         images = self.images[rows]
         if self.max_degrees or self.max_shift or self.max_zoom:
             rng = np.random.default_rng([self.seed, epoch, index])
-            images = shift_and_rotate(images, rng, self.max_degrees, self.max_shift,
-                                      self.max_zoom)
+            images = shift_rotate_zoom(images, rng, self.max_degrees, self.max_shift,
+                                       self.max_zoom)
         return images, self.labels[rows].astype(np.float32)
 
     def __getitem__(self, index):
@@ -700,8 +700,8 @@ def plot_augmentation(images, seed, max_degrees, max_shift, max_zoom, note="", c
     rng = np.random.default_rng(seed)
     for row, image in enumerate(images):
         show_digit(axes[row, 0], image, "original" if row == 0 else None)
-        augmented = shift_and_rotate(np.repeat(image[np.newaxis], copies, axis=0), rng,
-                                     max_degrees, max_shift, max_zoom)
+        augmented = shift_rotate_zoom(np.repeat(image[np.newaxis], copies, axis=0), rng,
+                                      max_degrees, max_shift, max_zoom)
         for axis, copy in zip(axes[row, 1:], augmented):
             show_digit(axis, copy, "augmented" if row == 0 else None)
     figure.suptitle(f"Augmentation: random shifts (up to {max_shift:g} px), rotations (up to "

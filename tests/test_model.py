@@ -111,9 +111,9 @@ def test_softmax_and_cross_entropy_examples(tutorial):
 def test_augmentation_moves_pixels_and_keeps_shapes(tutorial):
     image = np.zeros((1, 28, 28, 1), np.float32)
     image[0, 10:18, 13:15, 0] = 1.0  # a vertical bar
-    same = tutorial.shift_and_rotate(image, np.random.default_rng(0), 0, 0)
+    same = tutorial.shift_rotate_zoom(image, np.random.default_rng(0), 0, 0)
     assert np.array_equal(same, image)  # no rotation, no shift: unchanged
-    moved = tutorial.shift_and_rotate(np.repeat(image, 16, 0), np.random.default_rng(0), 8, 2)
+    moved = tutorial.shift_rotate_zoom(np.repeat(image, 16, 0), np.random.default_rng(0), 8, 2)
     assert moved.shape == (16, 28, 28, 1) and moved.dtype == np.float32
     assert 0 <= moved.min() and moved.max() <= 1 + 1e-6
     assert not np.allclose(moved, image)
@@ -197,9 +197,9 @@ def test_zoom_scales_the_digit(tutorial):
     class FixedZoom:  # angle 0, shift 0, zoom 1.25
         def uniform(self, low, high, size):
             return np.full(size, 1.25) if low == 0.75 else np.zeros(size)
-    zoomed = tutorial.shift_and_rotate(square, FixedZoom(), 0, 0, 0.25)
+    zoomed = tutorial.shift_rotate_zoom(square, FixedZoom(), 0, 0, 0.25)
     assert (square > 0.5).sum() == 64 and (zoomed > 0.5).sum() == 100
-    many = tutorial.shift_and_rotate(np.repeat(square, 64, 0), np.random.default_rng(1), 0, 0,
+    many = tutorial.shift_rotate_zoom(np.repeat(square, 64, 0), np.random.default_rng(1), 0, 0,
                                      tutorial.MAX_ZOOM)
     areas = many.sum(axis=(1, 2, 3)) / 64
     assert 0.81 - 0.02 <= areas.min() < 0.95 and 1.05 < areas.max() <= 1.21 + 0.02
