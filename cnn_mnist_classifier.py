@@ -1000,13 +1000,6 @@ def build_dense_model():
 # square root of the second. So each weight moves by roughly the learning rate per step,
 # whether its gradients are near 0.001 or near 1,000: the step adapts to each weight.
 #
-# **Label smoothing** (`--label-smoothing`, 0.1 here) softens the one-hot target: the target
-# becomes 0.9 * one-hot + 0.1 / 10, so 0.91 for the right digit and 0.01 for each other one.
-# The network is never pushed to be 100% sure, which makes it less eager to memorise single
-# images. One consequence for reading the numbers: the lowest possible loss is no longer 0
-# but the loss of predicting exactly the target, -(0.91 ln 0.91 + 9 * 0.01 ln 0.01) = 0.50.
-# (Before training, it is still ln 10: a uniform 0.1 costs -ln 0.1 whatever the target.)
-#
 # **Loss and metric.** The loss is what training optimizes: it is smooth, so it has a
 # gradient. *Accuracy*, the share of images whose most probable digit is right, is what
 # people read; it is a count, with no useful gradient. We print both.
@@ -1014,6 +1007,13 @@ def build_dense_model():
 # **Before training**, every digit is about equally likely, so the loss should be about
 # -ln(1/10) = ln 10 = 2.30. Checking that is cheap, and a very different number means a bug
 # in the data or the model.
+#
+# **Label smoothing** (`--label-smoothing`, 0.1 here) softens the one-hot target: the target
+# becomes 0.9 * one-hot + 0.1 / 10, so 0.91 for the right digit and 0.01 for each other one.
+# The network is never pushed to be 100% sure, which makes it less eager to memorise single
+# images. One consequence for reading the numbers: the lowest possible loss is no longer 0
+# but the loss of predicting exactly the target, -(0.91 ln 0.91 + 9 * 0.01 ln 0.01) = 0.50.
+# (Before training it is still ln 10: a uniform 0.1 costs -ln 0.1 whatever the target.)
 #
 # **The learning rate** need not be constant:
 #
