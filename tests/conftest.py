@@ -27,12 +27,13 @@ DATA_ARGS = ["--data-dir", DATA_DIR] if DATA_DIR else []
 
 EXPECTED_FIGURES = [
     "01_sample_images.png", "02_class_distribution.png", "03_preprocessing.png",
-    "04_augmentation.png", "05_training_history.png", "06_overfitting.png",
-    "07_confusion_matrix.png", "08_predictions.png", "09_confidence.png", "10_filters.png",
-    "11_feature_maps.png", "12_occlusion.png", "13_mistakes.png", "14_your_digit_recipe.png",
+    "04_convolution_by_hand.png", "05_augmentation.png", "06_training_history.png",
+    "07_overfitting.png", "08_confusion_matrix.png", "09_predictions.png", "10_confidence.png",
+    "11_filters.png", "12_feature_maps.png", "13_occlusion.png", "14_mistakes.png",
+    "15_your_digit_recipe.png",
 ]
 METRIC_KEYS = [
-    "test_accuracy", "test_loss", "untrained_loss", "best_val_accuracy", "best_epoch", "epochs",
+    "test_accuracy", "test_loss", "dense_test_accuracy", "untrained_loss", "best_val_accuracy", "best_epoch", "epochs",
     "training_seconds", "parameters", "backend", "device", "precision", "jit_compile",
     "keras_version", "backend_version", "python_version", "seed", "data_source",
     "peak_memory_mb", "reload_largest_difference",

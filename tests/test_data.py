@@ -177,3 +177,74 @@ def test_balanced_subset_tops_up_when_a_digit_runs_out(tutorial):
     labels = np.repeat(np.arange(10), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
     chosen = tutorial.balanced_subset_indices(labels, 60_000, np.random.default_rng(0))
     assert len(chosen) == len(set(chosen)) == 60_000
+
+
+def save_npz(folder, changes=None):
+    """A small mnist.npz with uint8 images and integer labels, some arrays replaced."""
+    rng = np.random.default_rng(5)
+    arrays = {"x_train": rng.integers(0, 256, (6, 28, 28)).astype(np.uint8),
+              "y_train": rng.integers(0, 10, 6), "x_test": rng.integers(0, 256, (4, 28, 28)).astype(np.uint8),
+              "y_test": np.arange(4)}
+    original = dict(arrays)
+    arrays.update(changes(arrays) if callable(changes) else {})
+    np.savez(folder / "mnist.npz", **arrays)
+    return original
+
+
+@pytest.mark.parametrize("name, change", [
+    ("floats 0-1 (pixels / 255)", lambda a: {"x_train": a["x_train"].astype(np.float32) / 255}),
+    ("floats 0-255, whole numbers", lambda a: {"x_test": a["x_test"].astype(np.float64)}),
+    ("int64 images 0-255", lambda a: {"x_train": a["x_train"].astype(np.int64)}),
+    ("float labels, whole numbers", lambda a: {"y_train": a["y_train"].astype(np.float32)}),
+    ("uint8 labels", lambda a: {"y_test": a["y_test"].astype(np.uint8)}),
+])
+def test_arrays_with_an_exact_meaning_load_exactly(tutorial, tmp_path, name, change):
+    original = save_npz(tmp_path, changes=change)
+    (x_train, y_train, x_test, y_test), _ = tutorial.load_mnist_from_folder(str(tmp_path))
+    assert x_train.dtype == np.uint8 and x_test.dtype == np.uint8, name
+    assert np.array_equal(x_train, original["x_train"]) and np.array_equal(x_test, original["x_test"])
+    assert np.array_equal(y_train, original["y_train"]) and np.array_equal(y_test, original["y_test"])
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("floats beyond 255", lambda a: {"x_train": a["x_train"] * 2.5},
+     "x_train holds values from 0 to"),
+    ("other integer range", lambda a: {"x_test": a["x_test"].astype(np.int16) * 4},
+     "x_test holds values from 0 to"),
+    ("fractional labels", lambda a: {"y_train": a["y_train"] + 0.5}, "y_train holds values"),
+    ("labels above 9", lambda a: {"y_test": a["y_test"] + 7}, "y_test holds values"),
+    ("flattened images", lambda a: {"x_train": a["x_train"].reshape(6, 784)},
+     "x_train has shape (6, 784)"),
+    ("one-hot labels", lambda a: {"y_train": np.eye(10)[a["y_train"]]},
+     "y_train has shape (6, 10)"),
+    ("text", lambda a: {"y_test": np.array(["1", "2", "3", "4"])}, "y_test has shape (4,)"),
+    ("negative floats", lambda a: {"x_train": a["x_train"] / 255 - 0.5},
+     "x_train holds values from -0.5"),
+])
+def test_arrays_without_an_exact_meaning_are_refused(tutorial, tmp_path, name, change, message):
+    save_npz(tmp_path, changes=change)
+    with pytest.raises(tutorial.DataError) as refused:
+        tutorial.load_mnist_from_folder(str(tmp_path))
+    text = str(refused.value)
+    assert message in text and "mnist.npz" in text and "expected" in text, (name, text)
+    assert "\n" not in text
+
+
+def test_a_float_npz_trains_as_well_as_the_original(tmp_path):
+    """End to end: MNIST saved as float32 in [0, 1] gives the very same run as the IDX files
+    (the images are scaled back exactly), and no section ends in a traceback."""
+    from conftest import DATA_DIR
+    if not DATA_DIR:
+        pytest.fail("the real MNIST files are needed (MNIST_DATA_DIR)")
+    tutorial_module = __import__("benchmark").load_tutorial()
+    (x_train, y_train, x_test, y_test), _ = tutorial_module.load_mnist(DATA_DIR)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "mnist.npz", x_train=x_train[:3000].astype(np.float32) / 255,
+             y_train=y_train[:3000], x_test=x_test[:500].astype(np.float32) / 255,
+             y_test=y_test[:500])
+    completed = run_script(["--quick", "--train-subset", "2000", "--no-show", "--data-dir",
+                            str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")])
+    assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    import json
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.5

@@ -60,7 +60,7 @@ def test_ctrl_c_in_training_keeps_the_best_weights_and_the_lesson_goes_on(tmp_pa
     assert metrics["test_accuracy"] > 0.2
     assert abs(metrics["test_accuracy"] - metrics["best_val_accuracy"]) < 0.1
     assert metrics["reload_predictions_match"] is True
-    assert (tmp_path / "13_mistakes.png").is_file()  # the lesson ran to the end
+    assert (tmp_path / "14_mistakes.png").is_file()  # the lesson ran to the end
 
 
 def test_a_second_ctrl_c_ends_the_run_cleanly(tmp_path):

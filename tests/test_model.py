@@ -68,12 +68,10 @@ def test_steps_per_epoch_stated_in_the_lesson(tutorial):
     """54,000 images / 128 = 422 steps (the last batch has 112 images), 4,220 in 10 epochs;
     --quick: 5,400 images, 43 steps."""
     import math
-    assert math.ceil(54_000 / tutorial.BATCH_SIZE) == 422 and 54_000 - 421 * 128 == 112
-    assert 422 * tutorial.EPOCHS == 4220
-    assert math.ceil(round(tutorial.QUICK_TRAIN_SUBSET * 0.9) / tutorial.BATCH_SIZE) == 43
-    batches = tutorial.TrainingBatches(np.zeros((54_000, 28, 28, 1), np.float32),
-                                       np.zeros((54_000, 10), np.float32), 128, 1)
-    assert len(batches) == 422 and len(batches.batch(0, 421)[0]) == 112
+    batch_size, epochs = tutorial.SETTINGS["batch_size"][0], tutorial.SETTINGS["epochs"][0]
+    assert math.ceil(54_000 / batch_size) == 422 and 54_000 - 421 * batch_size == 112
+    assert 422 * epochs == 4220
+    assert math.ceil(round(tutorial.QUICK["train_subset"] * 0.9) / batch_size) == 43
 
 
 def test_parameter_counts_for_both_paddings(tutorial):
@@ -108,27 +106,72 @@ def test_softmax_and_cross_entropy_examples(tutorial):
     assert round(math.log(10), 2) == 2.30
 
 
-def test_augmentation_moves_pixels_and_keeps_shapes(tutorial):
-    image = np.zeros((1, 28, 28, 1), np.float32)
-    image[0, 10:18, 13:15, 0] = 1.0  # a vertical bar
-    same = tutorial.shift_rotate_zoom(image, np.random.default_rng(0), 0, 0)
-    assert np.array_equal(same, image)  # no rotation, no shift: unchanged
-    moved = tutorial.shift_rotate_zoom(np.repeat(image, 16, 0), np.random.default_rng(0), 8, 2)
+def augmentation_layer(tutorial, degrees=8, shift=2, zoom=0.1, seed=0):
+    return tutorial.RandomShiftRotateZoom(degrees, shift, zoom, seed=seed)
+
+
+def test_augmentation_layer_moves_pixels_only_in_training(tutorial):
+    import keras
+    image = np.zeros((16, 28, 28, 1), np.float32)
+    image[:, 10:18, 13:15, 0] = 1.0  # a vertical bar
+    layer = augmentation_layer(tutorial)
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(image)), image)  # test time
+    moved = keras.ops.convert_to_numpy(layer(image, training=True))
     assert moved.shape == (16, 28, 28, 1) and moved.dtype == np.float32
-    assert 0 <= moved.min() and moved.max() <= 1 + 1e-6
+    assert -1e-6 <= moved.min() and moved.max() <= 1 + 1e-6
     assert not np.allclose(moved, image)
-    assert np.allclose(moved.sum(axis=(1, 2, 3)), image.sum(), rtol=0.1)  # ink is kept
+    assert len({m.tobytes() for m in moved}) == 16  # a different draw for every image
+    assert np.allclose(moved.sum(axis=(1, 2, 3)), image[0].sum(), rtol=0.25)  # ink is kept
+    still = augmentation_layer(tutorial, 0, 0, 0)(image, training=True)
+    assert np.allclose(keras.ops.convert_to_numpy(still), image, atol=1e-5)  # all off: no change
 
 
-def test_training_batches_repeat_exactly_and_reshuffle_each_epoch(tutorial):
-    images = np.arange(1000, dtype=np.float32).reshape(1000, 1, 1, 1) * np.ones((1, 28, 28, 1))
-    labels = np.zeros((1000, 10), np.float32)
-    first = tutorial.TrainingBatches(images, labels, 100, seed=3)
-    again = tutorial.TrainingBatches(images, labels, 100, seed=3)
-    assert np.array_equal(first.batch(0, 0)[0], again.batch(0, 0)[0])
-    assert not np.array_equal(first.batch(0, 0)[0], first.batch(1, 0)[0])
-    seen = np.concatenate([first.batch(0, i)[0][:, 0, 0, 0] for i in range(len(first))])
-    assert sorted(seen) == list(range(1000))  # every image once per epoch
+def test_augmentation_transform_shifts_rotates_and_zooms_as_stated(tutorial):
+    """A zoom factor of 1.25 makes an 8x8 square of ink 10x10; a shift of 2 moves it 2 pixels
+    right; a rotation of 90 degrees turns a horizontal bar vertical."""
+    import keras
+    square = np.zeros((1, 28, 28, 1), np.float32)
+    square[0, 10:18, 10:18] = 1.0
+
+    def transform(image, angle=0.0, zoom=1.0, shift_x=0.0, shift_y=0.0):
+        rows = tutorial.shift_rotate_zoom_transforms(
+            *(np.array([value], np.float32) for value in (angle, zoom, shift_x, shift_y)), 28)
+        return keras.ops.convert_to_numpy(keras.ops.image.affine_transform(
+            image, rows, interpolation="bilinear", fill_mode="constant"))
+    assert (transform(square, zoom=1.25) > 0.5).sum() == 100
+    moved = transform(square, shift_x=2.0)
+    assert np.array_equal(moved[0, 10:18, 12:20, 0] > 0.5, np.ones((8, 8), bool))
+    bar = np.zeros((1, 28, 28, 1), np.float32)
+    bar[0, 13:15, 6:22] = 1.0
+    turned = transform(bar, angle=np.pi / 2)[0, :, :, 0] > 0.5
+    rows, cols = np.nonzero(turned)
+    assert np.ptp(rows) > 12 and np.ptp(cols) < 3
+
+
+def test_zoom_keeps_the_ink_area_within_the_stated_range(tutorial):
+    import keras
+    square = np.zeros((64, 28, 28, 1), np.float32)
+    square[:, 10:18, 10:18] = 1.0
+    zoom = tutorial.SETTINGS["max_zoom"][0]
+    layer = augmentation_layer(tutorial, 0, 0, zoom, seed=1)
+    areas = keras.ops.convert_to_numpy(layer(square, training=True)).sum(axis=(1, 2, 3)) / 64
+    assert 0.81 - 0.02 <= areas.min() < 0.95 and 1.05 < areas.max() <= 1.21 + 0.02
+
+
+def test_saved_network_has_no_augmentation_layer_and_loads_in_safe_mode(quick_run):
+    """The file the tutorial saves loads with plain keras in a fresh Python with none of our
+    code (no custom classes), safe mode on."""
+    import subprocess
+    import sys
+    _, output_dir, _ = quick_run
+    program = ("import keras; m = keras.saving.load_model(%r, safe_mode=True); "
+               "print(m.count_params(), [type(l).__module__.split('.')[0] for l in m.layers])"
+               % str(output_dir / "mnist_cnn.keras"))
+    completed = subprocess.run([sys.executable, "-c", program], capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    count, modules = completed.stdout.strip().split(" ", 1)
+    assert int(count) == 250_058 and set(eval(modules)) == {"keras"}
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(tutorial):
@@ -151,11 +194,12 @@ def test_exercise_variants_build_and_feature_maps_find_their_blocks(tutorial):
     assert tutorial.build_dense_model().count_params() == 784 * 128 + 128 + 128 * 64 + 64 + 650
 
 
-def test_schedule_numbers_stated_in_section_9(tutorial):
+def test_schedule_numbers_stated_in_section_10(tutorial):
     """Warm-up 6e-4 -> 6e-3 over 1,266 steps (3 epochs), 3e-3 at step 2,743, 0 at 4,220."""
-    schedule = tutorial.make_learning_rate_schedule(4220, tutorial.PEAK_LEARNING_RATE,
-                                                    tutorial.WARMUP_FRACTION)
-    assert int(4220 * tutorial.WARMUP_FRACTION) == 1266 == 3 * 422
+    peak, warmup = (tutorial.SETTINGS[name][0] for name in ("peak_learning_rate",
+                                                            "warmup_fraction"))
+    schedule = tutorial.make_learning_rate_schedule(4220, peak, warmup)
+    assert int(4220 * warmup) == 1266 == 3 * 422
     assert abs(float(schedule(0)) - 6e-4) < 1e-9 and abs(float(schedule(1266)) - 6e-3) < 1e-9
     assert 1266 + (4220 - 1266) // 2 == 2743 and abs(float(schedule(2743)) - 3e-3) < 1e-5
     assert float(schedule(4220)) < 1e-9
@@ -186,27 +230,10 @@ def test_mnist_numbers_stated_in_the_lesson(tutorial):
     assert abs(np.median(widths) - tutorial.MNIST_STROKE_WIDTH) < 0.05
 
 
-def test_zoom_scales_the_digit(tutorial):
-    """A zoom factor of 1.25 makes an 8x8 square of ink 10x10; 0.9-1.1 keeps the ink area
-    within 0.81-1.21 times."""
-    square = np.zeros((1, 28, 28, 1), np.float32)
-    square[0, 10:18, 10:18] = 1.0
-
-    class FixedZoom:  # angle 0, shift 0, zoom 1.25
-        def uniform(self, low, high, size):
-            return np.full(size, 1.25) if low == 0.75 else np.zeros(size)
-    zoomed = tutorial.shift_rotate_zoom(square, FixedZoom(), 0, 0, 0.25)
-    assert (square > 0.5).sum() == 64 and (zoomed > 0.5).sum() == 100
-    many = tutorial.shift_rotate_zoom(np.repeat(square, 64, 0), np.random.default_rng(1), 0, 0,
-                                      tutorial.MAX_ZOOM)
-    areas = many.sum(axis=(1, 2, 3)) / 64
-    assert 0.81 - 0.02 <= areas.min() < 0.95 and 1.05 < areas.max() <= 1.21 + 0.02
-
-
-def test_label_smoothing_numbers_stated_in_section_9(tutorial):
+def test_label_smoothing_numbers_stated_in_section_10(tutorial):
     """Target 0.91 / 0.01; the lowest possible loss 0.50; a uniform guess still costs ln 10."""
     import keras
-    smoothing = tutorial.LABEL_SMOOTHING
+    smoothing = tutorial.SETTINGS["label_smoothing"][0]
     target = np.eye(10, dtype=np.float32)[[3]]
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
     smoothed = (1 - smoothing) * target + smoothing / 10
@@ -224,3 +251,42 @@ def test_lowest_possible_loss_is_the_loss_of_the_target_itself(tutorial):
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
         assert abs(float(loss(np.eye(10)[[7]], target)) -
                    tutorial.lowest_possible_loss(smoothing)) < 1e-5
+
+
+def test_neuron_and_dense_numbers_stated_in_section_6(tutorial):
+    """The neuron example, Glorot's limit for 784 -> 4, the dense network's parameters."""
+    import math
+    assert max(0.0, 0.5 * 2 + 1.0 * -1 + 0.5) == 0.5
+    assert round(math.sqrt(6 / (784 + 4)), 3) == 0.087
+    dense = tutorial.build_dense_model()
+    assert dense.count_params() == 109_386
+    assert dense.layers[1].count_params() == 784 * 128 + 128 == 100_480
+
+
+def test_convolution_by_hand_equals_keras_conv2d(tutorial):
+    """Section 7: the NumPy loop is what Keras' Conv2D computes (no flip: cross-correlation),
+    the output size is 26, a shifted digit gives a shifted map."""
+    import keras
+    rng = np.random.default_rng(0)
+    image = rng.random((28, 28)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3)).astype(np.float32)  # not symmetric: a flip would show
+    by_hand = tutorial.convolve(image, kernel)
+    conv = keras.layers.Conv2D(1, 3, use_bias=False, dtype="float32")
+    conv.build((None, 28, 28, 1))
+    conv.set_weights([kernel.reshape(3, 3, 1, 1)])
+    by_keras = keras.ops.convert_to_numpy(conv(image[None, :, :, None]))[0, :, :, 0]
+    assert by_hand.shape == (26, 26) and np.allclose(by_hand, by_keras, atol=1e-5)
+    flipped = tutorial.convolve(image, kernel[::-1, ::-1])
+    assert not np.allclose(flipped, by_keras, atol=1e-3)
+    assert tutorial.max_pool(by_hand).shape == (13, 13)
+    padded = np.zeros((28, 28), np.float32)
+    padded[4:24, 4:24] = image[4:24, 4:24]
+    shifted = tutorial.convolve(np.roll(padded, 2, axis=1), kernel)
+    assert np.allclose(shifted[:, 2:], tutorial.convolve(padded, kernel)[:, :-2], atol=1e-5)
+
+
+def test_convolution_numbers_stated_in_section_7(tutorial):
+    assert 3 * 3 * 32 + 32 == tutorial.build_model().get_layer("conv1").count_params() == 320
+    assert 3 * 3 * 32 == 288 and 26 * 26 * 32 == 21_632
+    assert 784 * 21_632 + 21_632 == 16_981_120
+    assert tutorial.build_model().get_layer("conv2").count_params() == 64 * (288 + 1)

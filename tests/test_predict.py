@@ -137,7 +137,7 @@ def test_occlusion_maps_have_the_image_shape_and_point_at_the_ink(tutorial, quic
         row, col = np.unravel_index(np.argmax(np.abs(occlusion)), occlusion.shape)
         assert image[max(0, row - 5):row + 6, max(0, col - 5):col + 6].max() > 0.5
         assert np.abs(occlusion[:2]).max() < np.abs(occlusion).max()
-    assert (output_dir / "12_occlusion.png").stat().st_size > 10_000
+    assert (output_dir / "13_occlusion.png").stat().st_size > 10_000
 
 
 def test_predict_reads_a_folder_and_keeps_its_figure_bounded(quick_run, test_digits, tmp_path):

@@ -64,9 +64,11 @@ def test_every_section_prints_its_heading_in_order(quick_run):
     with open(SCRIPT, encoding="utf-8") as handle:
         headings = re.findall(r"^# (## \d+\. .+)$", handle.read(), flags=re.MULTILINE)
     printed = [line for line in completed.stdout.splitlines() if line.startswith("## ")]
-    # Sections 1-2 (settings, plumbing) and 20 (--predict) have no lesson output.
-    lesson = [h.replace("`", "") for h in headings if not h.startswith(("## 1.", "## 2.", "## 20."))]
+    # Section 1 (the settings table) and 22 (the --predict tool) print nothing in a lesson run.
+    lesson = [h.replace("`", "") for h in headings if not h.startswith(("## 1.", "## 22."))]
     assert [p.replace("`", "") for p in printed] == lesson
+    assert completed.stdout.startswith("## 2. Setup")  # the output begins with a heading
+    assert not completed.stderr.strip(), completed.stderr[-2000:]  # no start-up chatter
 
 
 def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
