@@ -8,7 +8,7 @@ look inside it, save it, and read *your* handwritten digit. It runs on the three
 that train (TensorFlow, the default; JAX; PyTorch), on a CPU or a GPU.
 
     pip install -r requirements.txt && python cnn_mnist_classifier.py
-    python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, 5,400 images)
+    python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, 6,000 images)
     python cnn_mnist_classifier.py --data-dir DIR        # offline: the four MNIST files in DIR
     python cnn_mnist_classifier.py --predict my_digits/  # read your own handwritten digits
     KERAS_BACKEND=jax python cnn_mnist_classifier.py     # the same lesson on JAX
@@ -21,9 +21,10 @@ run reaches about 99.5% test accuracy; README.md has the measurements (machine, 
 # %% [markdown]
 # ## 1. Settings
 #
-# Every knob a learner may want to turn is one row of this table: its default and what it
-# does. In Colab, edit a default and run again; in a shell, pass the flag of the same name
-# (`epochs` is `--epochs 3`). `python cnn_mnist_classifier.py --help` lists them all.
+# Sections 1 and 2 are the machinery: on a first reading, skip to section 3. Every knob a
+# learner may want to turn is one row of this table: its default and what it does (each is
+# explained where the lesson uses it). In Colab, edit a default and run again; in a shell,
+# pass the flag of the same name (`epochs` is `--epochs 3`); `--help` lists them all.
 
 # %%
 import argparse
@@ -78,13 +79,14 @@ SETTINGS = {  # name: (default, help, check). The type of the default is the fla
     # Output, and the tools
     "output_dir": ("outputs", "where figures, history.csv, metrics.json and the model go", None),
     "no_show": (False, "only save figures, never open windows", None),
-    "quick": (False, "a short tour: 1 epoch on 6,000 images (10% of them for validation)", None),
+    "quick": (False, "a short tour: 1 epoch on 6,000 images (600 of them validate)", None),
     "predict": ([], "skip the lesson: read these images (files or folders) of digits", None),
     "model": ("", "the model --predict reads; empty: OUTPUT_DIR/mnist_cnn.keras", None),
 }
 QUICK = {"epochs": 1, "train_subset": 6000}  # what --quick changes, unless given too
 
 
+# %%
 def parse_settings(argv=None, in_notebook=False):
     """The table above as command-line flags. A bad value: one line and exit code 2. In a
     notebook the kernel's own arguments (`-f kernel.json`) are ignored."""
@@ -93,7 +95,7 @@ def parse_settings(argv=None, in_notebook=False):
                                      "network on MNIST. Backend: KERAS_BACKEND=tensorflow "
                                      "(default), jax or torch.")
     for name, (default, help_text, _) in SETTINGS.items():
-        flag, shown = "--" + name.replace("_", "-"), f" (default: {default!r})"
+        flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=help_text)
         elif isinstance(default, list):
@@ -102,7 +104,7 @@ def parse_settings(argv=None, in_notebook=False):
         else:
             quick = f"; {QUICK[name]} with --quick" if name in QUICK else ""
             parser.add_argument(flag, type=type(default), default=None,
-                                help=help_text + shown[:-1] + quick + ")")
+                                help=f"{help_text} (default: {default!r}{quick})")
     known = parser.parse_known_args(argv)[0] if in_notebook else parser.parse_args(argv)
     for name, (default, _, check) in SETTINGS.items():
         if getattr(known, name) is None:
@@ -122,14 +124,17 @@ def parse_settings(argv=None, in_notebook=False):
 # What must happen before the lesson: read the settings, import Keras with the chosen backend,
 # make the output folder, choose the device, and take the tool exit (`--predict` reads your
 # digits and skips the lesson). Section 12 explains backends and devices, once there is a
-# training run to talk about. Skip this cell on a first reading.
+# training run to talk about. Skip all four cells of this section on a first reading.
 
 # %%
 import ast
+import atexit
 import contextlib
 import json
 import math
+import re
 import tempfile
+import threading
 import time
 
 IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, VS Code cells and Colab
@@ -144,28 +149,57 @@ def fail(message, exit_code=1):
     sys.exit(exit_code)
 
 
+NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWEF]\d{4} \d\d:\d\d:")
+
+
+def hide_native_logs():
+    """TensorFlow's C++ code writes log lines straight to file 2 (stderr), whatever
+    TF_CPP_MIN_LOG_LEVEL says. Route file 2 through a thread that holds those lines back and
+    passes everything else on. Returns (the held lines, the terminal's file number)."""
+    held, (read_end, write_end), terminal = [], os.pipe(), os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        with open(read_end, "rb") as pipe:
+            for line in pipe:
+                if NATIVE_LOG_LINE.match(line):
+                    held.append(line)
+                else:
+                    os.write(terminal, line)
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    atexit.register(lambda: (sys.stderr.flush(), os.dup2(terminal, 2), thread.join(5)))
+    return held, terminal
+
+
 @contextlib.contextmanager
-def keras_import_checked():
-    """Import Keras with its backend. TensorFlow's C++ start-up logs go straight to file 2
-    (stderr): hide them unless the import fails. A missing backend: one line, not a trace."""
-    sys.stderr.flush()
-    saved, log = os.dup(2), tempfile.TemporaryFile()
-    os.dup2(log.fileno(), 2)
+def keras_import_checked(held_logs=(), terminal=2):
+    """A backend that is not installed: one line, not a traceback. Any other failure: show
+    what TensorFlow logged, then the traceback."""
     try:
         yield
     except ModuleNotFoundError as error:
-        os.dup2(saved, 2)
         fail(f"Keras' backend needs the Python package {error.name!r}, which is not "
              f"installed. Install it (pip install {error.name}) or choose another backend: "
              "KERAS_BACKEND=tensorflow, jax or torch.")
     except BaseException:
-        os.dup2(saved, 2)
-        sys.stderr.write(log.read().decode(errors="replace") if log.seek(0) == 0 else "")
+        os.write(terminal, b"".join(held_logs))
         raise
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        log.close()
+
+
+# %%
+SAFE_KERAS = (3, 14, 0)  # fixed a safe-mode bypass (CVE-2026-1462) and a path traversal
+
+
+def keras_too_old():
+    """A one-line problem if this Keras is older than SAFE_KERAS, else None."""
+    version = tuple(int(part) for part in re.findall(r"\d+", keras.__version__)[:3])
+    if version >= SAFE_KERAS:
+        return None
+    return (f"Keras {keras.__version__} is older than 3.14.0, which fixed a safe-mode bypass "
+            "(CVE-2026-1462) and a path traversal (GHSA-hqp4-2352-xf5r) in loading model "
+            "files. Upgrade it: pip install --upgrade \"keras>=3.14\"")
 
 
 def stop_quietly_on_ctrl_c():
@@ -196,6 +230,7 @@ def load_definitions(path):
     return module
 
 
+# %%
 if RUNNING:
     settings = parse_settings(sys.argv[1:], in_notebook=IN_NOTEBOOK)
     print("## 2. Setup")
@@ -216,7 +251,8 @@ if RUNNING:
              "can train with; use tensorflow, jax or torch, for example: KERAS_BACKEND=jax "
              "python cnn_mnist_classifier.py")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-with keras_import_checked():
+NATIVE_LOGS = hide_native_logs() if RUNNING else ([], 2)
+with keras_import_checked(*NATIVE_LOGS):
     import keras
 import matplotlib
 import numpy as np
@@ -234,6 +270,7 @@ if RUNNING and settings.predict and not IN_NOTEBOOK:  # a tool, not the lesson: 
                                                       settings.output_dir))
 
 
+# %%
 def setup_device(cpu_replicas, precision, jit):
     """Find the devices: (scope to build models in, name, count, precision, compile?).
     Each backend names its devices its own way: three short branches."""
@@ -276,6 +313,8 @@ if RUNNING:
     keras.mixed_precision.set_global_policy(PRECISION)
     print(f"Keras {keras.__version__} on {BACKEND}; device: {DEVICE}; precision {PRECISION}; "
           f"compiled: {'on' if JIT_COMPILE else 'off'}")
+    if keras_too_old():  # training may go on; loading someone else's model file may not
+        print(f"warning: {keras_too_old()}")
 
 
 # %% [markdown]
@@ -339,6 +378,7 @@ def read_mnist_npz(path):
         raise DataError(f"{path} is not a readable mnist.npz ({error})") from None
 
 
+# %%
 def exact_array(array, key, source):
     """Images as uint8 0-255 and labels 0-9, or a DataError saying what is wrong. Arrays saved
     as other numbers are accepted only where their meaning is exact: whole numbers in range,
@@ -346,13 +386,15 @@ def exact_array(array, key, source):
     images = key.startswith("x")
     expected = ("images of shape (N, 28, 28), whole numbers 0-255" if images else
                 "labels of shape (N,), whole numbers 0-9 (not one-hot)")
-    if (array.shape[1:] != (28, 28) if images else array.ndim != 1) or array.dtype.kind not in "uif":
+    shape_ok = array.shape[1:] == (28, 28) if images else array.ndim == 1
+    if not shape_ok or array.dtype.kind not in "uif":  # unsigned, signed integers or floats
         raise DataError(f"{source}: {key} has shape {array.shape} and type {array.dtype}; "
                         f"expected {expected}")
     if array.dtype == np.uint8 and images:
         return array
     values = array.astype(np.float64)
-    if images and array.dtype.kind == "f" and values.size and 0 <= values.min() <= values.max() <= 1:
+    scaled_down = values.size and 0 <= values.min() <= values.max() <= 1
+    if images and array.dtype.kind == "f" and scaled_down:
         values = values * 255  # saved as pixels / 255: scale back
     whole = np.round(values)
     if values.size and (np.abs(values - whole).max() > 1e-3 or not
@@ -372,7 +414,8 @@ def load_mnist_from_folder(data_dir):
              for key, options in names.items()}
     npz = os.path.join(data_dir, "mnist.npz")
     if all(paths.values()):
-        arrays, source = {key: read_idx_file(path) for key, path in paths.items()}, data_dir
+        arrays = {key: read_idx_file(path) for key, path in paths.items()}
+        source = f"IDX files in {data_dir}"
     elif os.path.isfile(npz):
         arrays, source = read_mnist_npz(npz), npz
     else:
@@ -391,6 +434,7 @@ def load_mnist_from_folder(data_dir):
     return tuple(arrays[key] for key in MNIST_FILES), source
 
 
+# %%
 def load_mnist(data_dir=""):
     """(x_train, y_train, x_test, y_test) as uint8 images and integer labels, and where they
     came from. A problem ends the run with a message saying what to do."""
@@ -461,6 +505,7 @@ def save_figure(figure, filename, output_dir):
         plt.close(figure)  # keep only what a screen will show at the end of the run
 
 
+# %%
 def show_digit(axis, image, title=None, color="black"):
     axis.imshow(np.squeeze(image), cmap="gray", vmin=0, vmax=np.max(image) or 1)
     axis.set_xticks([])
@@ -576,9 +621,9 @@ save_figure(plot_preprocessing(x_train_all[0]), "03_preprocessing.png", settings
 # A *neuron* multiplies each of its inputs by its own *weight*, adds the products and one
 # more number, the *bias*, and passes the sum through an *activation*. With inputs (0.5, 1.0),
 # weights (2, -1) and bias 0.5: 2*0.5 - 1*1.0 + 0.5 = 0.5. Our activation is *ReLU*,
-# max(0, x): (-2, 0.5, 3) becomes (0, 0.5, 3). Without such a bend, two layers in a row would
-# be one linear map (W2 (W1 x) = (W2 W1) x), and no stack of them could draw the curved
-# boundaries between digits.
+# max(0, x): (-2, 0.5, 3) becomes (0, 0.5, 3). Without such a bend, two layers in a row,
+# (x W1 + b1) W2 + b2, would be one layer, x (W1 W2) + (b1 W2 + b2), and no stack of them
+# could draw the curved boundaries between digits.
 #
 # A *Dense* layer is many neurons side by side, each connected to every input. A 28x28 digit
 # flattened to 784 numbers gives each neuron 784 weights and a bias, and the whole layer is
@@ -593,7 +638,7 @@ save_figure(plot_preprocessing(x_train_all[0]), "03_preprocessing.png", settings
 print("\n## 6. A first network: neurons and Dense layers")
 neuron_output = max(0.0, 0.5 * 2 + 1.0 * -1 + 0.5)  # inputs (0.5, 1), weights (2, -1), bias
 print(f"one neuron: relu(0.5*2 + 1.0*(-1) + 0.5) = {neuron_output}")
-dense_layer = keras.layers.Dense(4, dtype="float32")  # 4 neurons, no activation yet
+dense_layer = keras.layers.Dense(4, dtype="float32")  # 4 neurons; float32 for an exact check
 pixels = x_train[:1].reshape(1, 784)                   # one digit as 784 numbers
 keras_sums = keras.ops.convert_to_numpy(dense_layer(pixels))
 weights, biases = dense_layer.get_weights()            # shapes (784, 4) and (4,)
@@ -615,7 +660,7 @@ print(f"  (the weights start random, from {weights.min():.3f} to {weights.max():
 # Training it takes three Keras calls, the same for every network in this file: `compile`
 # (how to measure mistakes and how to improve), `fit` (show it the training images, adjust the
 # weights) and `evaluate`. Section 10 explains what happens inside. Two epochs (passes over
-# the training images) take a few seconds and reach about 97% on the validation images.
+# the training images) take a few seconds and reach about 96% on the validation images.
 #
 # It has 109,386 parameters, 100,480 of them (784 * 128 + 128) in the first layer: every
 # hidden neuron has its own weight for every pixel, and nothing tells it that neighbouring
@@ -667,14 +712,14 @@ print(f"Dense network: {dense_model.count_params():,} parameters, {DENSE_EPOCHS}
 #   28 - 3 + 1 = 26 (padding `valid`, ours). With stride s it is floor((n - k) / s) + 1.
 #   Padding `same` adds a border of zeros so that 28 stay 28.
 # * **Channels.** A colour image has 3 channels; after a layer of 32 filters there are 32
-#   feature maps. A filter always spans all input channels: a filter of the second layer
+#   feature maps. A filter (of a plain Conv2D) spans all input channels: one of the second layer
 #   (section 8) has 3 * 3 * 32 = 288 weights and sums over all 32 maps.
 # * **Few parameters.** 32 such filters on the digit need 3*3*32 + 32 = 320 parameters. A
 #   Dense layer making the same 26 * 26 * 32 = 21,632 outputs from 784 pixels would need
 #   784 * 21,632 + 21,632 = 16,981,120.
 # * **Cross-correlation.** In mathematics a convolution flips the filter first; Keras (like
-#   every deep-learning library) does not. The network learns its filters, so it does not
-#   matter, except when you copy a filter from a textbook.
+#   the other mainstream deep-learning libraries) does not. The network learns its
+#   filters, so it does not matter, except when you copy a filter from a textbook.
 # * **Equivariance.** Shift the digit 2 pixels and its feature map shifts by the same 2 pixels:
 #   the filter finds its stroke anywhere. *Max-pooling* (section 8: keep the largest of each
 #   2x2 block) adds a little *invariance*: many pooled values do not change at all when the
@@ -708,7 +753,7 @@ def max_pool(feature_map):
 
 digit = x_train[0, :, :, 0]
 by_hand = convolve(digit, VERTICAL_STROKE)
-conv = keras.layers.Conv2D(1, 3, use_bias=False, dtype="float32")  # one 3x3 filter
+conv = keras.layers.Conv2D(1, 3, use_bias=False, dtype="float32")  # one 3x3 filter, no bias
 conv.build((None, 28, 28, 1))
 conv.set_weights([VERTICAL_STROKE.reshape(3, 3, 1, 1)])  # (height, width, in, out channels)
 by_keras = keras.ops.convert_to_numpy(conv(x_train[:1]))[0, :, :, 0]
@@ -763,13 +808,14 @@ save_figure(plot_convolution([
 # * **Max-pooling** keeps the largest value of each 2x2 block, stride 2: width and height
 #   halve, rounded down (26 -> 13, 11 -> 5). Each block sees more of the digit: one value
 #   after conv1 depends on 3x3 input pixels (its *receptive field*), after pool1 on 4x4,
-#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. The rule: a 3x3 convolution adds
-#   2 steps, a 2x2 pool 1 step, where a step is the distance between neighbouring values,
-#   which each pool doubles: 3, 3+1 = 4, 4+2*2 = 8, 8+1*2 = 10, 10+2*4 = 18.
+#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. The rule: a layer of size k
+#   adds (k - 1) times the current spacing of its inputs in pixels, and each pool doubles
+#   that spacing: 3, 3 + 1*1 = 4, 4 + 2*2 = 8, 8 + 1*2 = 10, 10 + 2*4 = 18.
 # * **BatchNormalization** rescales each channel to mean 0 and standard deviation 1 (then a
 #   learned scale and offset): values (2, 4, 6) have mean 4 and standard deviation 1.63, and
 #   become (-1.22, 0, 1.22). This keeps training stable at larger learning rates (section
-#   10). In *training* it uses the current batch's mean and variance; at *test* time it uses
+#   10). In *training* it uses the current batch's mean and variance (the square of the
+#   standard deviation); at *test* time it uses
 #   moving averages collected during training, updated each step (one batch) as
 #   average = momentum * average + (1 - momentum) * batch value. (This momentum has nothing
 #   to do with the optimizer's.) Momentum 0.99 means the average mostly reflects the last
@@ -779,13 +825,15 @@ save_figure(plot_convolution([
 #   come from quite different networks. So we use 1 - 10 / steps, kept within [0.5, 0.99]:
 #   0.99 for the default run of 4,220 steps, 0.976 for one epoch, 0.767 for `--quick`.
 # * **Where BatchNorm goes.** We normalise after the ReLU (Conv-ReLU-BN); the BatchNorm paper
-#   put it before (Conv-BN-ReLU). Both are common and both train well. In that order the
+#   put it before (Conv-BN-ReLU). Both are common and both train well. In Conv-BN-ReLU the
 #   convolution's bias is redundant (BatchNorm subtracts the mean, bias included, and adds its
-#   own offset), so people write `Conv2D(..., use_bias=False)` there; in ours it is not.
+#   own offset), so people write `Conv2D(..., use_bias=False)` there. In ours the ReLU sits
+#   between them, so the bias still matters.
 # * **Dropout** with rate p sets each value to 0 with probability p in training and
 #   multiplies the survivors by 1 / (1 - p), so the sum stays the same on average: with
 #   p = 0.5, (1, 2, 3, 4) might become (2, 0, 6, 0). At test time it does nothing. The network
-#   cannot rely on any single unit, which fights overfitting (section 14). Ours drops with
+#   cannot rely on any single unit, which fights overfitting (memorising the training
+#   images; section 14). Ours drops with
 #   p = 0.5 after the first Dense layer and p = 0.3 after the second.
 # * **Parameters.** A 3x3 convolution with C_in input and C_out output channels has
 #   3*3*C_in*C_out weights plus C_out biases; BatchNorm keeps 4 numbers per channel (scale and
@@ -880,11 +928,14 @@ print(f"BatchNorm momentum {batchnorm_momentum_for(total_steps):.3f} for {total_
 # shift of 0.5 pixel to the right makes each pixel the average of itself and its left
 # neighbour. All three moves are one *affine transform* per image, so the layer draws a
 # random angle, zoom and shift for each image and makes one `keras.ops.image.affine_transform`
-# call. (Keras' own `RandomRotation`, `RandomTranslation` and `RandomZoom` layers do the same
-# in three transforms; on JAX that made an epoch far slower; README, Augmentation.)
+# call. (Keras' own layers do the same job in three transforms, with other defaults:
+# `keras.Sequential([keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
+# keras.layers.RandomRotation(8 / 360, fill_mode="constant"), keras.layers.RandomZoom(0.1,
+# fill_mode="constant")])`. On JAX that made an epoch far slower; README, Augmentation.)
 #
-# The layer is not part of the saved network: training uses `model`, the augmentation then
-# the network `cnn`; everything after training uses `cnn` alone.
+# Training uses `model`: the augmentation, then the network `cnn`. Outside training the
+# augmentation does nothing, so evaluating `model` is evaluating `cnn`; the figures and the
+# saved file use `cnn` alone.
 #
 # Augmentation is not free: it hurt a 1-epoch run in our measurements and helped a 10-epoch one
 # (README, Augmentation). So only runs of `augment_min_epochs` (5) epochs or more use it.
@@ -928,6 +979,7 @@ class RandomShiftRotateZoom(keras.layers.Layer):
                                                 fill_mode="constant")
 
 
+# %%
 def plot_augmentation(images, augmentation, note="", copies=7):
     """Each row: one training digit, then random augmented versions of it."""
     figure, axes = plt.subplots(len(images), copies + 1, layout="constrained",
@@ -967,7 +1019,8 @@ with build_scope():
 # 0.693, 0.1 costs 2.303.
 #
 # **Gradients.** The *gradient* says, for every weight, how the loss changes if that weight
-# grows a little. Keras computes all 250,058 at once by *backpropagation*: the chain rule of
+# grows a little. Keras computes all 249,610 (the trainable ones) at once by
+# *backpropagation*: the chain rule of
 # calculus, applied layer by layer from the loss back to the first convolution. A training
 # *step* moves each weight a little against its gradient: new weight = weight - learning
 # rate * gradient (weight 0.5, gradient 2, learning rate 0.01: 0.5 - 0.02 = 0.48). Each step
@@ -976,9 +1029,9 @@ with build_scope():
 #
 # **Adam** is gradient descent that also keeps, per weight, a running average of its
 # gradients (factor 0.9: about the last 10 steps) and of their squares (0.999: about the last
-# 1,000), and divides the first by the square root of the second. So each weight moves by at
-# most about the learning rate per step, whether its gradients are near 0.001 or near 1,000,
-# and by less when its gradients disagree from step to step.
+# 1,000), and divides the first by the square root of the second. So each weight usually
+# moves by about the learning rate per step or less, whether its gradients are near 0.001
+# or near 1,000, and by less when its gradients disagree from step to step.
 #
 # **Loss and metric.** The loss is what training optimizes: it is smooth, so it has a
 # gradient. *Accuracy*, the share of images whose most probable digit is right, is what
@@ -1002,8 +1055,8 @@ with build_scope():
 #   up to 6e-3, six times Keras' default of 1e-3, over the first 1,266 of 4,220 steps.
 # * **Cosine decay** (the rest): large steps explore early; small steps at the end settle
 #   into a good minimum instead of bouncing around it. The rate follows half a cosine: 3e-3
-#   halfway through the decay (step 2,743), zero at the last step. Defined over the *total*
-#   number of steps, the same recipe fits any run length. Figure 06 draws it.
+#   halfway through the decay (step 2,743), practically zero at the last step. Defined over
+#   the *total* number of steps, the same recipe fits any run length. Figure 06 draws it.
 
 # %%
 print("\n## 10. How a network learns: loss, gradients, Adam, the learning rate")
@@ -1048,9 +1101,10 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
 # One call trains: `model.fit(x_train, y_train_onehot, batch_size=128, epochs=10,
 # validation_data=(x_val, y_val_onehot), callbacks=[...])`. Each epoch shows every training
 # image once, in a new random order, then Keras measures loss and accuracy on the validation
-# images. A *callback* is code Keras calls after each epoch; `EarlyStopping` with
-# `restore_best_weights=True` keeps the weights of the best validation epoch and puts them
-# back at the end (with `patience` as long as the run, it never stops early). With the
+# images. A *callback* is code Keras calls at set points, such as after each epoch.
+# `EarlyStopping` with `restore_best_weights=True` keeps the weights of the best validation
+# epoch and puts them back at the end (with `patience` as long as the run, it never stops
+# early; `ModelCheckpoint(path, save_best_only=True)` would keep them in a file instead). With the
 # learning rate decaying to zero the best epoch is usually one of the last.
 #
 # Press Ctrl-C (in a notebook: Interrupt) to stop training early: the best weights so far are
@@ -1070,14 +1124,15 @@ def train(model, x, y, validation_data, epochs, batch_size, extra_callbacks=()):
     the best so far. Returns (history, best epoch, seconds, interrupted)."""
     keep_best = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                               patience=epochs, restore_best_weights=True)
-    history = keras.callbacks.History()
     started, interrupted = time.perf_counter(), False
     try:
-        model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_data=validation_data,
-                  callbacks=[keep_best, history, *extra_callbacks],
-                  verbose="auto" if IN_NOTEBOOK else 2)
+        history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                            validation_data=validation_data,
+                            callbacks=[keep_best, *extra_callbacks],
+                            verbose="auto" if IN_NOTEBOOK else 2)
     except KeyboardInterrupt:
         interrupted = True
+        history = getattr(model, "history", keras.callbacks.History())  # complete epochs
         if keep_best.best_weights is not None:  # Keras skips on_train_end after Ctrl-C
             model.set_weights(keep_best.best_weights)
         print(f"\nTraining interrupted after {len(history.history.get('loss', []))} complete "
@@ -1175,11 +1230,11 @@ def plot_history(history, best_epoch, schedule, total_steps, steps_per_epoch, lo
     plot_curves(axes[:2], history)
     if loss_floor > 0:
         axes[1].axhline(loss_floor, color="tab:green", linestyle="--",
-                        label=f"lowest possible ({loss_floor:.2f}, label smoothing)")
+                        label=f"floor {loss_floor:.2f} (label smoothing)")
     for axis, corner in zip(axes[:2], ("lower right", "upper right")):  # where curves are not
         axis.axvline(best_epoch, color="gray", linestyle=":", label="best validation (kept)")
         axis.set_xticks(np.arange(1, len(history["loss"]) + 1))
-        axis.legend(loc=corner)
+        axis.legend(loc=corner, fontsize=8)
     axes[0].set_title("accuracy (training: mean over the epoch, dropout on)", fontsize=10)
     steps = np.unique(np.linspace(0, total_steps - 1, 200).astype(int))
     axes[2].plot(steps / steps_per_epoch, [float(schedule(step)) for step in steps])
@@ -1207,7 +1262,7 @@ else:
 # BatchNorm, whose moving averages remember about 100 steps, such a run of 8 steps per epoch,
 # 240 in all, spends most of its time letting them settle, and the validation curve shows
 # that instead.) The training accuracy climbs to 100% and its loss towards 0, while the
-# validation accuracy stops improving far below, and the validation loss stops falling and,
+# validation accuracy stops improving well below 100%, and the validation loss stops falling and,
 # after its lowest point, creeps back up: the network keeps getting surer of answers it has
 # memorised, including wrong ones. The run prints both accuracies and where the validation
 # loss was lowest. The remedies: more data (or augmentation), dropout, *weight decay* (a small
@@ -1312,6 +1367,7 @@ def plot_confusion_matrix(matrix):
     return figure
 
 
+# %%
 y_test_onehot = keras.utils.to_categorical(y_test, 10)
 test_loss, test_accuracy = model.evaluate(x_test, y_test_onehot, batch_size=512, verbose=0)
 _, dense_test_accuracy = dense_model.evaluate(x_test, y_test_onehot, batch_size=512, verbose=0)
@@ -1337,9 +1393,10 @@ save_figure(plot_confusion_matrix(matrix), "08_confusion_matrix.png", settings.o
 # is not always a correct one: section 19 shows mistakes made with high confidence.
 #
 # Label smoothing (section 10) shows here: the network was trained towards 0.91 for the right
-# digit, so even a perfectly clear digit gets about that, not 1.00. The target does not cap
-# the outputs at test time, and dropout is off then, so the right answers sit a little above
-# 0.91; the run prints their median and highest confidence, and the wrong answers'. (Try
+# digit, so even a perfectly clear digit gets about that, not 1.00. That target was aimed at
+# with dropout (and augmentation) on; at test time both are off, so the outputs come out a
+# little surer, a little above 0.91. The run prints the right answers' median and highest
+# confidence, and the wrong answers' median. (Try
 # `--label-smoothing 0` and compare the bars in figure 10.)
 
 # %%
@@ -1391,10 +1448,11 @@ def example_titles(indices):
             ["green" if test_predictions[i] == y_test[i] else "red" for i in indices])
 
 
+# %%
 confidence = test_probabilities.max(axis=1)
 right_answers = test_predictions == y_test
 print(f"Confidence of the right answers: median {np.median(confidence[right_answers]):.3f}, "
-      f"highest {confidence.max():.3f}; of the wrong answers: median "
+      f"highest {confidence[right_answers].max():.3f}; of the wrong answers: median "
       f"{np.median(confidence[~right_answers]) if error_count else float('nan'):.2f}")
 save_figure(plot_prediction_grid(x_test, y_test, test_probabilities), "09_predictions.png",
             settings.output_dir)
@@ -1418,7 +1476,7 @@ print("\n## 17. What the network learned: filters and feature maps")
 
 
 def plot_first_layer_filters(cnn):
-    kernels = np.asarray(cnn.get_layer("conv1").kernel, dtype=np.float32)[:, :, 0, :]
+    kernels = cnn.get_layer("conv1").get_weights()[0][:, :, 0, :]  # (3, 3, 1, 32) -> 3x3x32
     limit = np.abs(kernels).max()
     figure, axes = plt.subplots(4, 8, figsize=(9, 4.8))
     for index, axis in enumerate(axes.flat):
@@ -1574,8 +1632,9 @@ if len(mistakes):
 # ## 20. Save the model, reload it, check it
 #
 # We save the network `cnn`, not the training-time augmentation in front of it. The `.keras`
-# format stores the architecture, the weights and the optimizer state in one file, the same for
-# every backend: a model saved with TensorFlow loads with JAX or PyTorch. We load it back as a
+# format stores the architecture and the weights in one file (and the optimizer's state when
+# the saved model is the one that was compiled), the same for every backend: a model saved
+# with TensorFlow loads with JAX or PyTorch. We load it back as a
 # user would and check that it predicts the same: the same digits exactly, and probabilities
 # equal up to rounding (float32 arithmetic rounds in the 7th digit, float16 in the 3rd, so the
 # allowed difference depends on the precision).
@@ -1603,8 +1662,9 @@ def peak_memory_mb():
         return None
 
 
+# %%
 model_path = os.path.join(settings.output_dir, "mnist_cnn.keras")
-write_atomically(model_path, cnn.save)
+write_atomically(model_path, cnn.save)  # the plain call is cnn.save(model_path)
 reloaded = keras.saving.load_model(model_path)
 reloaded_probabilities = predict(reloaded, x_test[:1000])
 largest_difference = float(np.abs(reloaded_probabilities - test_probabilities[:1000]).max())
@@ -1707,6 +1767,7 @@ def open_image(path):
     return ImageOps.exif_transpose(image)  # phone photos store their rotation separately
 
 
+# %%
 def resize_array(array, size, resample=Image.Resampling.BOX):
     """Resize a float image (PIL's "F" mode keeps the grey levels exact)."""
     return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize(size, resample))
@@ -1778,6 +1839,7 @@ def ink_only(ink):
     return np.where(mask, np.clip((residual - threshold) / (peak - threshold), 0, 1), 0.0), mask
 
 
+# %%
 def crop_to_ink(ink):
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
@@ -1806,7 +1868,8 @@ def mnist_box_and_centre(cropped):
     rows, cols = np.indices(small.shape)
     top = int(round(MNIST_CENTRE_OF_MASS - (rows * small).sum() / small.sum()))
     left = int(round(MNIST_CENTRE_OF_MASS - (cols * small).sum() / small.sum()))
-    top, left = int(np.clip(top, 0, 28 - small.shape[0])), int(np.clip(left, 0, 28 - small.shape[1]))
+    top = int(np.clip(top, 0, 28 - small.shape[0]))
+    left = int(np.clip(left, 0, 28 - small.shape[1]))
     digit = np.zeros((28, 28), dtype=np.float32)
     digit[top:top + small.shape[0], left:left + small.shape[1]] = small
     return digit / max(digit.max(), 1e-6)
@@ -1845,6 +1908,7 @@ def make_photo_like(digit, rng, canvas=(360, 480)):
     return (np.clip(grey[..., None] * tint, 0, 1) * 255).astype(np.uint8)
 
 
+# %%
 def plot_recipe(photos, all_steps, probabilities):
     titles = ["photo", "1. grey", "2. inverted", "3. ink only", "4. cropped", "5-6. 28x28"]
     figure, axes = plt.subplots(len(photos), 7, figsize=(14.7, 2.5 * len(photos)),
@@ -1912,6 +1976,9 @@ PREDICT_FIGURE_IMAGES = 24   # at most this many images are drawn in predictions
 
 
 def load_trained_model(path):
+    """A model file the user names: only with a Keras that loads model files safely."""
+    if keras_too_old():
+        fail(f"{keras_too_old()} (then run --predict again).")
     if not os.path.isfile(path):
         fail(f"no trained model at {path}. Train one first: python cnn_mnist_classifier.py "
              "(or add --quick for a short tour), then run --predict again "
@@ -1945,6 +2012,7 @@ def expand_image_paths(paths):
     return expanded
 
 
+# %%
 def plot_predictions(rows):
     """rows: (path, digit, probabilities); photos are reopened as small copies."""
     columns, lines = 4, math.ceil(len(rows) / 4)
@@ -1966,6 +2034,7 @@ def plot_predictions(rows):
     return figure
 
 
+# %%
 def predict_files(paths, model_path, output_dir):
     """Read each image; print and save the guesses. Returns the exit code (1 if any failed)."""
     model = load_trained_model(model_path)

@@ -5,6 +5,7 @@ with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
 
     python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> ours
     python tests/benchmark.py --sweep         # label smoothing and zoom, alone and together
+    python tests/benchmark.py --augmentation  # plain vs ours side by side; 5 epochs +- augmentation
     python tests/benchmark.py --exercises     # the "Try this" variants, 1 epoch, seed 1
     python tests/benchmark.py --backends tensorflow jax torch   # the tutorial itself per backend
                                   # (BENCHMARK_KEEP_OUTPUTS=DIR keeps each run's outputs)
@@ -18,8 +19,8 @@ tutorial are made on validation accuracy only; test accuracy is reported, never 
 
 * "plain": the tutorial's architecture trained the plain way: Adam at a constant 1e-3, batch
   128, BatchNorm's default momentum 0.99, no augmentation, `model.fit` on the arrays.
-* "recipe": the tutorial's own helpers (its batches, schedule, BatchNorm rule, callback), with
-  the ingredients switched on or off by the configuration.
+* "recipe": the tutorial's own helpers (its augmentation layer, schedule, BatchNorm rule and
+  train()), with the ingredients switched on or off by the configuration.
 * "tutorial": `cnn_mnist_classifier.py` itself, run as a user runs it.
 Results are printed and written as JSON (default benchmark.json).
 """
@@ -53,8 +54,9 @@ def last_epoch_weights_callback():
     import keras
 
     class LastEpochWeights(keras.callbacks.Callback):
-        """The weights as training ends, before train() restores the best epoch's."""
-        def on_train_end(self, logs=None):
+        """The weights at the end of each epoch (the last one's stay), before train() puts
+        the best epoch's back."""
+        def on_epoch_end(self, epoch, logs=None):
             self.weights = self.model.get_weights()
     return LastEpochWeights()
 
@@ -65,14 +67,15 @@ def worker(config):
     import keras
     import numpy as np
     seed, epochs = config["seed"], config["epochs"]
-    batch_size = tutorial.BATCH_SIZE
+    setting = {name: value[0] for name, value in tutorial.SETTINGS.items()}
+    batch_size = setting["batch_size"]
     keras.utils.set_random_seed(seed)
-    if tutorial.BACKEND == "tensorflow" and config["kind"] == "recipe":
+    if tutorial.BACKEND == "tensorflow":
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()  # as the tutorial does on a CPU
     (x_all, y_all, x_test_raw, y_test), _ = tutorial.load_mnist(os.environ.get("MNIST_DATA_DIR"))
     (train_images, train_labels), (val_images, val_labels) = tutorial.split_train_validation(
-        x_all, y_all, tutorial.VALIDATION_SPLIT, config.get("subset"), seed)
+        x_all, y_all, setting["validation_split"], config.get("subset"), seed)
     x_train, x_val, x_test = (tutorial.preprocess_images(a)
                               for a in (train_images, val_images, x_test_raw))
     y_train, y_val, y_test_onehot = (keras.utils.to_categorical(a, 10)
@@ -82,34 +85,41 @@ def worker(config):
     variant = config.get("variant", "")
     momentum = 0.99 if config.get("bn") == "default" else tutorial.batchnorm_momentum_for(total_steps)
     if variant == "dense":
-        model = tutorial.build_dense_model()
+        cnn = tutorial.build_dense_model()
     else:
-        model = tutorial.build_model(momentum, padding="same" if variant == "same" else "valid",
-                                     batchnorm=variant != "no_bn", pooling=variant != "no_pool")
+        cnn = tutorial.build_model(momentum, padding="same" if variant == "same" else "valid",
+                                   batchnorm=variant != "no_bn", pooling=variant != "no_pool")
     jit = {"on": True, "off": False}.get(config.get("jit"), tutorial.BACKEND == "jax")
     started, cpu_started = time.perf_counter(), time.process_time()
     if config["kind"] == "plain":
+        model = cnn
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                       metrics=["accuracy"], jit_compile=jit)
         history = model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
                             validation_data=(x_val, y_val), verbose=0).history
         best_weights = None
     else:
-        peak = tutorial.PEAK_LEARNING_RATE * config.get("lr_factor", 1)
+        peak = setting["peak_learning_rate"] * config.get("lr_factor", 1)
         if config.get("schedule", "warmup_cosine") == "warmup_cosine":
             schedule = tutorial.make_learning_rate_schedule(total_steps, peak,
-                                                            tutorial.WARMUP_FRACTION)
+                                                            setting["warmup_fraction"])
         else:
             schedule = 1e-3
-        tutorial.compile_model(model, schedule,
-                               config.get("label_smoothing", tutorial.LABEL_SMOOTHING), jit)
-        augment = ((config.get("rotation", tutorial.MAX_ROTATION_DEGREES),
-                    config.get("shift", tutorial.MAX_SHIFT_PIXELS),
-                    config.get("zoom", tutorial.MAX_ZOOM))
-                   if config.get("augment") else (0, 0, 0))
-        batches = tutorial.TrainingBatches(x_train, y_train, batch_size, seed, *augment)
+        model = cnn
+        if config.get("augment"):
+            augmentation = tutorial.RandomShiftRotateZoom(
+                config.get("rotation", setting["max_rotation"]),
+                config.get("shift", setting["max_shift"]),
+                config.get("zoom", setting["max_zoom"]), seed=seed)
+            model = keras.Sequential([keras.Input(shape=(28, 28, 1)), augmentation, cnn])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule),
+                      loss=keras.losses.CategoricalCrossentropy(
+                          label_smoothing=config.get("label_smoothing",
+                                                     setting["label_smoothing"])),
+                      metrics=["accuracy"], jit_compile=jit)
         last = last_epoch_weights_callback()
-        history, _, _, _ = tutorial.train(model, batches, (x_val, y_val), epochs, [last])
+        history, _, _, _ = tutorial.train(model, x_train, y_train, (x_val, y_val), epochs,
+                                          batch_size, [last])
         best_weights = model.get_weights()  # train() has put the best epoch's weights back
         model.set_weights(last.weights)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -127,7 +137,7 @@ def worker(config):
         "best_val_accuracy": round(max(history["val_accuracy"]), 5), "best_epoch": best_epoch,
         "last_test_accuracy": round(float(last_test), 5),
         "best_test_accuracy": round(float(best_test), 5),
-        "parameters": int(model.count_params()), "peak_memory_mb": tutorial.peak_memory_mb(),
+        "parameters": int(cnn.count_params()), "peak_memory_mb": tutorial.peak_memory_mb(),
     }), flush=True)
 
 
@@ -203,6 +213,25 @@ def progression_configs(seeds):
     return configs
 
 
+def augmentation_configs(seeds):
+    """Issue: augmentation as a Keras layer. Plain and ours alternate (CPU time side by side);
+    5 epochs with and without augmentation (the augment_min_epochs threshold)."""
+    configs = []
+    for seed in seeds:
+        configs += [
+            {"kind": "plain", "name": "plain", "seed": seed, "epochs": 10},
+            {"kind": "recipe", "name": "ours (augmentation layer)", "seed": seed, "epochs": 10,
+             "augment": True},
+        ]
+    for seed in seeds:
+        configs += [
+            {"kind": "recipe", "name": "5 epochs, no augmentation", "seed": seed, "epochs": 5},
+            {"kind": "recipe", "name": "5 epochs, augmented", "seed": seed, "epochs": 5,
+             "augment": True},
+        ]
+    return configs
+
+
 def sweep_configs(seeds):
     """The variants tried before the zoom and label smoothing were chosen (on validation)."""
     configs = []
@@ -243,6 +272,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--progression", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--augmentation", action="store_true")
     parser.add_argument("--exercises", action="store_true")
     parser.add_argument("--backends", nargs="+", metavar="BACKEND")
     parser.add_argument("--jit", action="store_true")
@@ -262,6 +292,8 @@ def main():
         configs += progression_configs(args.seeds)
     if args.sweep:
         configs += sweep_configs(args.seeds)
+    if args.augmentation:
+        configs += augmentation_configs(args.seeds)
     if args.exercises:
         configs += [{"kind": "recipe", "name": f"exercise {variant or 'base'}", "seed": 1,
                      "epochs": 1, "variant": variant}

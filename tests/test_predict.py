@@ -182,3 +182,19 @@ def test_predict_on_an_empty_folder_says_so(quick_run, tmp_path):
                             str(tmp_path / "out"), "--no-show"])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert "folder has no image files" in completed.stderr
+
+
+def test_an_old_keras_may_train_but_never_loads_a_users_model(tutorial, monkeypatch, tmp_path,
+                                                              capsys):
+    import keras
+    assert tutorial.keras_too_old() is None  # this machine's Keras is new enough
+    monkeypatch.setattr(keras, "__version__", "3.13.2")
+    problem = tutorial.keras_too_old()
+    assert "Keras 3.13.2 is older than 3.14.0" in problem and "pip install --upgrade" in problem
+    with pytest.raises(SystemExit) as stopped:
+        tutorial.load_trained_model(str(tmp_path / "someone_elses.keras"))
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "CVE-2026-1462" in error
+    monkeypatch.setattr(keras, "__version__", "3.14.0.dev2026")
+    assert tutorial.keras_too_old() is None
