@@ -133,6 +133,7 @@ import contextlib
 import json
 import math
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -209,10 +210,15 @@ def stop_quietly_on_ctrl_c():
         sys.modules["IPython"].get_ipython().set_custom_exc(
             (KeyboardInterrupt,), lambda *args, **kwargs: print(message))
     elif not IN_NOTEBOOK:
-        hook = sys.excepthook
+        hook, unraisable_hook = sys.excepthook, sys.unraisablehook
         sys.excepthook = lambda kind, value, trace: (
             print(message, file=sys.stderr) if issubclass(kind, KeyboardInterrupt)
             else hook(kind, value, trace))
+        # A Ctrl-C that lands in a clean-up callback (TensorFlow's, for example) would be
+        # "ignored" there: send it again a moment later, so that it reaches the running code.
+        sys.unraisablehook = lambda info: (
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            if issubclass(info.exc_type, KeyboardInterrupt) else unraisable_hook(info))
 
 
 def load_definitions(path):

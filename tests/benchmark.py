@@ -5,12 +5,15 @@ with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
 
     python tests/benchmark.py --progression   # plain -> +schedule -> +augmentation -> ours
     python tests/benchmark.py --sweep         # label smoothing and zoom, alone and together
-    python tests/benchmark.py --augmentation  # plain vs ours side by side; 5 epochs +- augmentation
+    python tests/benchmark.py --augmentation  # plain vs ours (augmentation layer), side by side
+    python tests/benchmark.py --threshold     # 5 epochs with and without augmentation
     python tests/benchmark.py --exercises     # the "Try this" variants, 1 epoch, seed 1
     python tests/benchmark.py --backends tensorflow jax torch   # the tutorial itself per backend
                                   # (BENCHMARK_KEEP_OUTPUTS=DIR keeps each run's outputs)
     python tests/benchmark.py --jit           # compiled (XLA) or not, per backend, on this CPU
     python tests/benchmark.py --short         # a 2-minute check
+    python tests/benchmark.py --photos outputs/mnist_cnn.keras   # the photo recipe, per kind
+    python tests/benchmark.py --layer-speed ours   # 100 steps: none, ours or keras augmentation
 
 Every configuration trains in its own fresh Python process, one after the other, on the same
 data split, and reports wall-clock and CPU seconds (CPU time is steadier on a shared machine),
@@ -184,6 +187,86 @@ def run_config(config):
     return {**config, "error": completed.stderr.strip().splitlines()[-1:] or ["failed"]}
 
 
+def plain_recipe(image):
+    """MNIST's own recipe and nothing more, for comparison: grey, ink up, paper to 0, crop to
+    the ink, longer side to 20 pixels, centre of mass in the middle of 28x28."""
+    import numpy as np
+    from PIL import Image
+    grey = np.asarray(image.convert("L"), np.float32) / 255
+    ink = 1 - grey if np.median(grey) > 0.5 else grey
+    ink = np.clip(ink - np.median(ink), 0, None)
+    ink /= max(ink.max(), 1e-6)
+    rows, cols = np.nonzero(ink > 0.3)
+    if not len(rows):
+        return np.zeros((28, 28), np.float32)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = 20 / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    small = np.asarray(Image.fromarray(crop, "F").resize(size, Image.Resampling.BOX))
+    ys, xs = np.indices(small.shape)
+    top = int(np.clip(round(14 - (ys * small).sum() / small.sum()), 0, 28 - small.shape[0]))
+    left = int(np.clip(round(14 - (xs * small).sum() / small.sum()), 0, 28 - small.shape[1]))
+    digit = np.zeros((28, 28), np.float32)
+    digit[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return digit / max(digit.max(), 1e-6)
+
+
+def photo_scores(model_path, per_digit, seed=0):
+    """Each kind of picture (tests/make_user_photos.py): how many the tutorial's recipe and
+    the plain recipe read right with the model at model_path."""
+    tutorial = load_tutorial()
+    import keras
+    import numpy as np
+    from make_user_photos import KINDS, make_set
+    model = keras.saving.load_model(model_path)
+    rows = []
+    for number, kind in enumerate(KINDS):
+        pictures = make_set(kind, per_digit, seed + number, os.environ.get("MNIST_DATA_DIR"))
+        truth = np.array([digit for digit, _ in pictures])
+        scores = {"kind": kind, "pictures": len(pictures)}
+        for name, recipe in (("tutorial", lambda p: tutorial.prepare_digit(p)[0]),
+                             ("plain", plain_recipe)):
+            digits, failed = [], 0
+            for _, picture in pictures:
+                try:
+                    digits.append(recipe(picture))
+                except tutorial.ImageProblem:
+                    digits.append(np.zeros((28, 28), np.float32))
+                    failed += 1
+            predicted = model.predict(np.stack(digits)[..., None], verbose=0).argmax(1)
+            scores[name] = round(float((predicted == truth).mean()), 4)
+            scores[f"{name}_failed"] = failed
+        print(scores, flush=True)
+        rows.append(scores)
+    return rows
+
+
+def layer_speed(variant):
+    """CPU and wall seconds of 100 training steps (128 images each, after a warm-up step) of
+    the tutorial's network with no augmentation ("none"), its augmentation layer ("ours") or
+    Keras' three augmentation layers ("keras"), compiled as the tutorial compiles it."""
+    tutorial = load_tutorial()
+    import keras
+    if tutorial.BACKEND == "tensorflow":
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()  # as the tutorial does on a CPU
+    keras.utils.set_random_seed(1)
+    (x, y, _, _), _ = tutorial.load_mnist(os.environ.get("MNIST_DATA_DIR"))
+    x, y = tutorial.preprocess_images(x[:12800]), keras.utils.to_categorical(y[:12800], 10)
+    layers = {"none": [], "ours": [tutorial.RandomShiftRotateZoom(8, 2, 0.1, seed=1)],
+              "keras": [keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
+                        keras.layers.RandomRotation(8 / 360, fill_mode="constant"),
+                        keras.layers.RandomZoom(0.1, fill_mode="constant")]}[variant]
+    model = keras.Sequential([keras.Input((28, 28, 1)), *layers, tutorial.build_model()])
+    model.compile(optimizer="adam", loss="categorical_crossentropy",
+                  jit_compile=tutorial.BACKEND == "jax")
+    model.fit(x[:128], y[:128], batch_size=128, epochs=1, verbose=0)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    print(f"{tutorial.BACKEND} {variant}: 100 steps in {time.perf_counter() - started:.1f} s "
+          f"wall, {time.process_time() - cpu_started:.1f} s CPU", flush=True)
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -214,8 +297,8 @@ def progression_configs(seeds):
 
 
 def augmentation_configs(seeds):
-    """Issue: augmentation as a Keras layer. Plain and ours alternate (CPU time side by side);
-    5 epochs with and without augmentation (the augment_min_epochs threshold)."""
+    """Augmentation as a Keras layer: plain and ours alternate, 10 epochs (accuracy, and CPU
+    time side by side)."""
     configs = []
     for seed in seeds:
         configs += [
@@ -223,6 +306,12 @@ def augmentation_configs(seeds):
             {"kind": "recipe", "name": "ours (augmentation layer)", "seed": seed, "epochs": 10,
              "augment": True},
         ]
+    return configs
+
+
+def threshold_configs(seeds):
+    """augment_min_epochs: 5 epochs with and without augmentation."""
+    configs = []
     for seed in seeds:
         configs += [
             {"kind": "recipe", "name": "5 epochs, no augmentation", "seed": seed, "epochs": 5},
@@ -273,6 +362,7 @@ def main():
     parser.add_argument("--progression", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--augmentation", action="store_true")
+    parser.add_argument("--threshold", action="store_true")
     parser.add_argument("--exercises", action="store_true")
     parser.add_argument("--backends", nargs="+", metavar="BACKEND")
     parser.add_argument("--jit", action="store_true")
@@ -280,10 +370,25 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=10, help="for --backends")
     parser.add_argument("--output", default="benchmark.json", help="where to write the JSON")
+    parser.add_argument("--photos", metavar="MODEL", help="score the photo recipe and a plain "
+                        "one on every kind of picture in tests/make_user_photos.py")
+    parser.add_argument("--per-digit", type=int, default=10, help="for --photos")
+    parser.add_argument("--layer-speed", choices=("none", "ours", "keras"),
+                        help="time 100 training steps with that augmentation (set "
+                        "KERAS_BACKEND for the backend)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.layer_speed:
+        layer_speed(args.layer_speed)
+        return
+    if args.photos:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        rows = photo_scores(args.photos, args.per_digit)
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump({"machine": cpu_name(), "photos": rows}, handle, indent=2)
         return
     if not os.environ.get("MNIST_DATA_DIR"):
         print("note: MNIST_DATA_DIR is not set; the workers will download MNIST with Keras")
@@ -294,6 +399,8 @@ def main():
         configs += sweep_configs(args.seeds)
     if args.augmentation:
         configs += augmentation_configs(args.seeds)
+    if args.threshold:
+        configs += threshold_configs(args.seeds)
     if args.exercises:
         configs += [{"kind": "recipe", "name": f"exercise {variant or 'base'}", "seed": 1,
                      "epochs": 1, "variant": variant}

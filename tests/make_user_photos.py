@@ -1,20 +1,31 @@
-"""Make photo-like pictures of hand-drawn digits, to try `--predict` the way a user would.
+"""Make pictures of handwritten digits of several kinds, to try `--predict` the way a user would.
 
-Not collected by pytest. Each digit 0-9 is drawn as pen strokes (polylines with a wobbly hand,
-varying slant, size and pen width), on paper with uneven light, camera noise and blur, somewhere
-off-centre on a phone-sized canvas, saved as JPEG (dark ink on light paper) and some as PNG
-(light chalk on a dark board). Unlike the tests, these are not MNIST digits at all.
+Not collected by pytest (the tests import it). Kinds (`KINDS`):
 
-    python tests/make_user_photos.py OUTPUT_DIR [--per-digit 3]
-    python cnn_mnist_classifier.py --predict OUTPUT_DIR/*.jpg OUTPUT_DIR/*.png
+* scan: clean scans of thick, soft handwriting that fills much of the image. The handwriting is
+  MNIST *test* digits (real writers, never trained on), enlarged smoothly; without the MNIST
+  files, pen-stroke digits drawn with a thick soft marker.
+* shadow: phone photos in strongly uneven light with a shadow edge across the page.
+* pen: thin pen strokes on a large photo.
+* board: light chalk on a dark, unevenly lit board.
+* even: marker digits photographed on evenly lit paper.
+* typeset: printed digits in a typeface.
+
+Pen-stroke digits are polylines with a wobbly hand and varying slant and size (not MNIST).
+
+    python tests/make_user_photos.py OUTPUT_DIR [--per-digit 3] [--kind pen] [--mnist-dir DIR]
+    python cnn_mnist_classifier.py --predict OUTPUT_DIR
 
 The true digit is the first character of each file name.
 """
 import argparse
+import gzip
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+KINDS = ("scan", "shadow", "pen", "board", "even", "typeset")
 
 # Each digit as strokes in a unit box (x right, y down), the way people commonly write them.
 STROKES = {
@@ -52,35 +63,126 @@ def smooth(points, samples=12):
     return np.array(curve)
 
 
-def draw_photo(digit, rng, dark_on_light=True):
-    width, height = int(rng.integers(800, 1600)), int(rng.integers(600, 1200))
-    size = int(rng.integers(150, min(width, height) // 2))
-    left = int(rng.integers(20, width - size - 20))
-    top = int(rng.integers(20, height - size - 20))
-    slant = rng.uniform(-0.25, 0.25)
-    pen = max(3, int(size * rng.uniform(0.06, 0.12)))
-    ink = Image.new("L", (width, height), 0)
+def stroke_ink(digit, size, pen, rng):
+    """A pen-stroke digit as ink (0-1) on a size x size square."""
+    ink = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(ink)
+    slant = rng.uniform(-0.25, 0.25)
     for stroke in STROKES[digit]:
-        wobbly = np.asarray(stroke) + rng.normal(0, 0.03, (len(stroke), 2))
-        curve = smooth(wobbly)
-        xs = left + size * (0.15 + 0.7 * curve[:, 0] + slant * (1 - curve[:, 1]))
-        ys = top + size * curve[:, 1]
+        curve = smooth(np.asarray(stroke) + rng.normal(0, 0.03, (len(stroke), 2)))
+        xs = size * (0.15 + 0.7 * curve[:, 0] + slant * (1 - curve[:, 1]))
+        ys = size * (0.05 + 0.9 * curve[:, 1])
         draw.line(list(zip(xs, ys)), fill=255, width=pen, joint="curve")
         for x, y in ((xs[0], ys[0]), (xs[-1], ys[-1])):  # round pen ends
             draw.ellipse((x - pen / 2, y - pen / 2, x + pen / 2, y + pen / 2), fill=255)
-    ink = np.asarray(ink.filter(ImageFilter.GaussianBlur(pen / 6)), np.float32) / 255
-    ys, xs = np.mgrid[0:height, 0:width]
-    light = 0.65 + 0.25 * xs / width + 0.1 * np.sin(ys / height * 3)  # lamp and a paper fold
-    if dark_on_light:
-        grey = light * (1 - 0.75 * ink)
-        tint = np.array([1.0, 0.96, 0.88])
-    else:  # chalk on a board
-        grey = 0.12 + 0.08 * xs / width + 0.7 * ink
-        tint = np.array([0.9, 1.0, 0.95])
-    grey = grey + rng.normal(0, 0.035, grey.shape)
+    return np.asarray(ink.filter(ImageFilter.GaussianBlur(max(0.5, pen / 6))), np.float32) / 255
+
+
+def mnist_ink(image, size):
+    """An MNIST digit (28x28 uint8), cropped to its ink and enlarged smoothly so that its
+    longer side is `size`: soft, thick strokes."""
+    rows, cols = np.nonzero(image > 0)
+    crop = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = size / max(crop.shape)
+    big = Image.fromarray(crop).resize((max(1, round(crop.shape[1] * scale)),
+                                        max(1, round(crop.shape[0] * scale))),
+                                       Image.Resampling.BICUBIC)
+    return np.asarray(big.filter(ImageFilter.GaussianBlur(size / 90)), np.float32) / 255
+
+
+def typeset_ink(digit, size, rng):
+    font = ImageFont.load_default(size=int(size * rng.uniform(0.7, 0.9)))
+    ink = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(ink).text((size / 2, size / 2), str(digit), fill=255, font=font, anchor="mm")
+    return np.asarray(ink, np.float32) / 255
+
+
+def place(ink, height, width, rng):
+    """The ink somewhere on a height x width canvas."""
+    canvas = np.zeros((height, width), np.float32)
+    top = int(rng.integers(0, height - ink.shape[0] + 1))
+    left = int(rng.integers(0, width - ink.shape[1] + 1))
+    canvas[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    return canvas
+
+
+def shadow_light(height, width, rng):
+    """Light falling off across the page, and a soft shadow edge (a hand, a phone) across it."""
+    ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * xs + np.sin(angle) * ys
+    light = 0.95 - 0.35 * (ramp - ramp.min()) / (ramp.max() - ramp.min())
+    edge_angle, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.15, 0.15)
+    distance = (np.cos(edge_angle) * (xs - 0.5) + np.sin(edge_angle) * (ys - 0.5) - offset)
+    softness = rng.uniform(0.005, 0.03)
+    shade = 1 - rng.uniform(0.4, 0.55) / (1 + np.exp(-distance / softness))
+    return light * shade
+
+
+def make_picture(kind, digit, rng, mnist_image=None):
+    """One picture of `digit` of the given kind, as a PIL image."""
+    if kind == "scan":
+        size = int(rng.integers(180, 320))
+        ink = (mnist_ink(mnist_image, size) if mnist_image is not None
+               else stroke_ink(digit, size, int(size * 0.13), rng))
+        margin = int(size * rng.uniform(0.03, 0.15))  # the digit fills most of the scan
+        ink = place(ink, size + margin, size + int(margin * rng.uniform(0.5, 1.5)), rng)
+        grey = rng.uniform(0.9, 0.97) * (1 - rng.uniform(0.75, 0.9) * ink)
+        noise, tint = 0.01, np.array([1.0, 1.0, 1.0])
+    elif kind in ("shadow", "board"):
+        height, width = int(rng.integers(600, 900)), int(rng.integers(700, 1100))
+        size = int(min(height, width) * rng.uniform(0.3, 0.5))
+        ink = (mnist_ink(mnist_image, size) if mnist_image is not None
+               else stroke_ink(digit, size, int(size * 0.1), rng))
+        ink = place(ink, height, width, rng)
+        if kind == "shadow":
+            grey = shadow_light(height, width, rng) * (1 - 0.8 * ink)
+            noise, tint = 0.03, np.array([1.0, 0.96, 0.88])
+        else:
+            ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+            board = 0.12 + 0.1 * xs + 0.05 * ys
+            chalk = ink * rng.uniform(0.55, 0.75) * (1 + 0.25 * rng.normal(0, 1, ink.shape))
+            grey = board + np.clip(chalk, 0, 1)
+            noise, tint = 0.03, np.array([0.9, 1.0, 0.95])
+    else:
+        height, width = int(rng.integers(700, 1200)), int(rng.integers(900, 1500))
+        size = int(rng.integers(200, min(height, width) // 2))
+        if kind == "typeset":
+            ink = typeset_ink(digit, size, rng)
+        else:
+            pen = int(rng.integers(2, 5)) if kind == "pen" else int(size * rng.uniform(0.07, 0.1))
+            ink = stroke_ink(digit, size, pen, rng)
+        ink = place(ink, height, width, rng)
+        ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+        light = 0.8 + (0.1 * xs - 0.05 * ys if kind == "pen" else 0.0)
+        grey = light * (1 - 0.8 * ink)
+        noise, tint = 0.02, np.array([1.0, 0.97, 0.92])
+    grey = grey + rng.normal(0, noise, grey.shape)
     rgb = np.clip(grey[..., None] * tint, 0, 1)
-    return Image.fromarray((rgb * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
+    return Image.fromarray((rgb * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.7))
+
+
+def load_mnist_test_images(mnist_dir):
+    """The MNIST test images and labels from the original gzipped IDX files."""
+    with gzip.open(os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz")) as handle:
+        images = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz")) as handle:
+        labels = np.frombuffer(handle.read(), np.uint8, offset=8)
+    return images, labels
+
+
+def make_set(kind, per_digit, seed=0, mnist_dir=None):
+    """[(digit, picture)] with `per_digit` pictures of each digit 0-9."""
+    rng = np.random.default_rng(seed)
+    images, labels = load_mnist_test_images(mnist_dir) if mnist_dir else (None, None)
+    pictures = []
+    for digit in range(10):
+        chosen = rng.permutation(np.flatnonzero(labels == digit))[:per_digit] if mnist_dir \
+            else [None] * per_digit
+        for index in chosen:
+            mnist_image = images[index] if index is not None else None
+            pictures.append((digit, make_picture(kind, digit, rng, mnist_image)))
+    return pictures
 
 
 def main():
@@ -88,16 +190,20 @@ def main():
     parser.add_argument("output_dir")
     parser.add_argument("--per-digit", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", choices=KINDS + ("all",), default="all")
+    parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR"),
+                        help="MNIST's IDX files: the scan, shadow and board kinds use its test "
+                        "digits (default: $MNIST_DATA_DIR)")
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    for digit in range(10):
-        for copy in range(args.per_digit):
-            chalk = copy == args.per_digit - 1 and args.per_digit > 2
-            photo = draw_photo(digit, rng, dark_on_light=not chalk)
-            name = f"{digit}_{copy}.{'png' if chalk else 'jpg'}"
-            photo.save(os.path.join(args.output_dir, name), quality=80)
-    print(f"wrote {10 * args.per_digit} pictures to {args.output_dir}")
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    for number, kind in enumerate(kinds):
+        for copy, (digit, picture) in enumerate(make_set(kind, args.per_digit,
+                                                         args.seed + number, args.mnist_dir)):
+            extension = "png" if kind in ("board", "typeset") else "jpg"
+            picture.save(os.path.join(args.output_dir, f"{digit}_{kind}_{copy}.{extension}"),
+                         quality=85)
+    print(f"wrote {10 * args.per_digit * len(kinds)} pictures to {args.output_dir}")
 
 
 if __name__ == "__main__":
