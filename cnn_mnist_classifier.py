@@ -550,7 +550,8 @@ save_figure(plot_class_distribution(y_train_all, y_test), "02_class_distribution
 # %% [markdown]
 # ## 5. Preprocess, and split off a validation set
 #
-# * Shape `(N, 28, 28, 1)`: a convolution layer expects a channel axis (1 for grey, 3 for RGB).
+# * Shape `(N, 28, 28, 1)`: the convolution layers (section 7) expect a channel axis (1 for
+#   grey, 3 for RGB).
 # * `float32` in [0, 1]: inputs of a similar, small scale make training stable (255 -> 1.0,
 #   128 -> 0.5; figure 03 shows one digit's numbers before and after).
 # * One-hot labels: the digit 3 becomes `[0,0,0,1,0,0,0,0,0,0]`, the target for the network's
@@ -627,9 +628,10 @@ save_figure(plot_preprocessing(x_train_all[0]), "03_preprocessing.png", settings
 # A *neuron* multiplies each of its inputs by its own *weight*, adds the products and one
 # more number, the *bias*, and passes the sum through an *activation*. With inputs (0.5, 1.0),
 # weights (2, -1) and bias 0.5: 2*0.5 - 1*1.0 + 0.5 = 0.5. Our activation is *ReLU*,
-# max(0, x): (-2, 0.5, 3) becomes (0, 0.5, 3). Without such a bend, two layers in a row,
-# (x W1 + b1) W2 + b2, would be one layer, x (W1 W2) + (b1 W2 + b2), and no stack of them
-# could draw the curved boundaries between digits.
+# max(0, x): (-2, 0.5, 3) becomes (0, 0.5, 3). Without it, two layers in a row collapse into
+# one, (x W1 + b1) W2 + b2 = x (W1 W2) + (b1 W2 + b2), so stacking layers would add nothing;
+# ReLU's kink at 0 lets every extra layer add something new (such as the curved boundaries
+# between one digit and another).
 #
 # A *Dense* layer is many neurons side by side, each connected to every input. A 28x28 digit
 # flattened to 784 numbers gives each neuron 784 weights and a bias, and the whole layer is
@@ -812,17 +814,19 @@ save_figure(plot_convolution([
 # * **Conv2D + ReLU**: 32, 64 and 128 filters of 3x3. Each block's filters read all the maps
 #   of the block before, so they combine strokes into curves, loops and corners.
 # * **Max-pooling** keeps the largest value of each 2x2 block, stride 2: width and height
-#   halve, rounded down (26 -> 13, 11 -> 5). Each block sees more of the digit: one value
-#   after conv1 depends on 3x3 input pixels (its *receptive field*), after pool1 on 4x4,
-#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. The rule: a layer of size k
+#   halve, rounded down (26 -> 13, 11 -> 5). Each block sees a wider patch of the digit: one
+#   value after conv1 depends on 3x3 input pixels (its *receptive field*), after pool1 on 4x4,
+#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. (The rule: a layer of size k
 #   adds (k - 1) times the current spacing of its inputs in pixels, and each pool doubles
-#   that spacing: 3, 3 + 1*1 = 4, 4 + 2*2 = 8, 8 + 1*2 = 10, 10 + 2*4 = 18.
+#   that spacing: 3, 3 + 1*1 = 4, 4 + 2*2 = 8, 8 + 1*2 = 10, 10 + 2*4 = 18.)
 # * **BatchNormalization** rescales each channel to mean 0 and standard deviation 1 (then a
 #   learned scale and offset): values (2, 4, 6) have mean 4 and standard deviation 1.63, and
 #   become (-1.22, 0, 1.22). This keeps training stable at larger learning rates (section
 #   10). In *training* it uses the current batch's mean and variance (the square of the
 #   standard deviation); at *test* time it uses
-#   moving averages collected during training, updated each step (one batch) as
+#   moving averages collected during training. In short, a short run must update those
+#   averages faster so that they are ready in time. In detail: they are updated each step
+#   (one batch) as
 #   average = momentum * average + (1 - momentum) * batch value. (This momentum has nothing
 #   to do with the optimizer's.) Momentum 0.99 means the average mostly reflects the last
 #   1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (`--quick`)
@@ -1011,10 +1015,12 @@ shown = augment_settings if any(augment_settings) else tuple(
 save_figure(plot_augmentation(x_train[:3], RandomShiftRotateZoom(*shown, seed=settings.seed),
                               "" if use_augmentation else "\n(not used in this run)"),
             "05_augmentation.png", settings.output_dir)
-with build_scope():
-    model = keras.Sequential([keras.Input(shape=(28, 28, 1)),
-                              RandomShiftRotateZoom(*augment_settings, seed=settings.seed),
-                              cnn], name="augmented_cnn") if use_augmentation else cnn
+model = cnn  # what training will fit: the network itself, or the augmentation, then it
+if use_augmentation:
+    with build_scope():
+        model = keras.Sequential([keras.Input(shape=(28, 28, 1)),
+                                  RandomShiftRotateZoom(*augment_settings, seed=settings.seed),
+                                  cnn], name="augmented_cnn")
 
 
 # %% [markdown]
@@ -1033,11 +1039,12 @@ with build_scope():
 # uses one *batch* of 128 images; 54,000 training images make 422 steps (the last batch has
 # 112 images), one *epoch*; the default run is 10 epochs, 4,220 steps.
 #
-# **Adam** is gradient descent that also keeps, per weight, a running average of its
-# gradients (factor 0.9: about the last 10 steps) and of their squares (0.999: about the last
-# 1,000), and divides the first by the square root of the second. So each weight usually
-# moves by about the learning rate per step or less, whether its gradients are near 0.001
-# or near 1,000, and by less when its gradients disagree from step to step.
+# **Adam** is gradient descent that scales each weight's step to about the learning rate,
+# however large or small that weight's gradients are. How: it keeps, per weight, a running
+# average of its gradients (factor 0.9: about the last 10 steps) and of their squares (0.999:
+# about the last 1,000), and divides the first by the square root of the second. So each
+# weight usually moves by about the learning rate per step or less, whether its gradients
+# are near 0.001 or near 1,000, and by less when its gradients disagree from step to step.
 #
 # **Loss and metric.** The loss is what training optimizes: it is smooth, so it has a
 # gradient. *Accuracy*, the share of images whose most probable digit is right, is what
@@ -1107,10 +1114,10 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
 # One call trains: `model.fit(x_train, y_train_onehot, batch_size=128, epochs=10,
 # validation_data=(x_val, y_val_onehot), callbacks=[...])`. Each epoch shows every training
 # image once, in a new random order, then Keras measures loss and accuracy on the validation
-# images. A *callback* is code Keras calls at set points, such as after each epoch.
-# `EarlyStopping` with `restore_best_weights=True` keeps the weights of the best validation
-# epoch and puts them back at the end (with `patience` as long as the run, it never stops
-# early; `ModelCheckpoint(path, save_best_only=True)` would keep them in a file instead). With the
+# images. A *callback* is code Keras calls at set points, such as after each epoch. We use
+# Keras' `EarlyStopping` only to remember the best validation epoch's weights and put them
+# back at the end (`restore_best_weights=True`): with `patience` as long as the run, it never
+# ends training early. (`ModelCheckpoint(path, save_best_only=True)` keeps them in a file.) With the
 # learning rate decaying to zero the best epoch is usually one of the last.
 #
 # Press Ctrl-C (in a notebook: Interrupt) to stop training early: the best weights so far are
@@ -1183,7 +1190,8 @@ write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
 # the first cell (after Runtime > Restart session if Keras was already imported).
 #
 # A GPU makes training many times faster; the setup cell finds one on its own. On a GPU it
-# also uses *mixed precision*: the layers compute in 16-bit floats, which a GPU's tensor cores
+# also uses *mixed precision*: the layers (all but the output and the augmentation) compute in
+# 16-bit floats, which a GPU's tensor cores
 # multiply much faster, while the weights stay in 32-bit floats and the loss is scaled up
 # while the gradients are computed so that small ones do not round to zero. And it *compiles*
 # the training step (XLA on TensorFlow and JAX, `torch.compile` on PyTorch), fusing many small
@@ -1722,7 +1730,8 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 # enough. Two steps come from MNIST's own recipe (LeCun, Cortes and Burges): each digit was
 # scaled to fit a 20x20 box, keeping its aspect ratio, with anti-aliasing (averaging, so
 # strokes get soft grey edges), and placed in a 28x28 image so that its *centre of mass*
-# falls in the middle. The steps before them are our clean-up of a photo, which MNIST's
+# falls at (14, 14), where MNIST's centres of mass sit (measured; the geometric middle of
+# pixels 0-27 would be 13.5). The steps before them are our clean-up of a photo, which MNIST's
 # scanned forms did not need:
 #
 # 1. **Grey**: colour carries no information about the digit.
