@@ -190,19 +190,6 @@ def keras_import_checked(held_logs=(), terminal=2):
 
 
 # %%
-SAFE_KERAS = (3, 14, 0)  # fixed a safe-mode bypass (CVE-2026-1462) and a path traversal
-
-
-def keras_too_old():
-    """A one-line problem if this Keras is older than SAFE_KERAS, else None."""
-    version = tuple(int(part) for part in re.findall(r"\d+", keras.__version__)[:3])
-    if version >= SAFE_KERAS:
-        return None
-    return (f"Keras {keras.__version__} is older than 3.14.0, which fixed a safe-mode bypass "
-            "(CVE-2026-1462) and a path traversal (GHSA-hqp4-2352-xf5r) in loading model "
-            "files. Upgrade it: pip install --upgrade \"keras>=3.14\"")
-
-
 def stop_quietly_on_ctrl_c():
     """Ctrl-C outside training ends the run with one line, not a traceback."""
     message = "\nStopped by Ctrl-C. Files already written are complete; nothing half-written."
@@ -319,8 +306,6 @@ if RUNNING:
     keras.mixed_precision.set_global_policy(PRECISION)
     print(f"Keras {keras.__version__} on {BACKEND}; device: {DEVICE}; precision {PRECISION}; "
           f"compiled: {'on' if JIT_COMPILE else 'off'}")
-    if keras_too_old():  # training may go on; loading someone else's model file may not
-        print(f"warning: {keras_too_old()}")
 
 
 # %% [markdown]
@@ -1656,11 +1641,25 @@ if len(mistakes):
 # A model file is a program's description, so only load files from people you trust.
 # `keras.saving.load_model` runs in *safe mode* by default: it refuses to deserialize
 # arbitrary Python code (such as a `Lambda` layer's function). That closes the most obvious
-# hole, not every one: Keras releases have had safe-mode bypasses fixed (hence Keras 3.14 or
-# newer in requirements.txt).
+# hole, not every one: Keras releases have had safe-mode bypasses fixed. So requirements.txt
+# asks for Keras 3.14 or newer; with an older Keras (a notebook's own, say) this run warns,
+# and `--predict` refuses to load a model file at all.
 
 # %%
 print("\n## 20. Save the model, reload it, check it")
+
+
+SAFE_KERAS = (3, 14, 0)  # fixed a safe-mode bypass (CVE-2026-1462) and a path traversal
+
+
+def keras_too_old():
+    """A one-line problem if this Keras is older than SAFE_KERAS, else None."""
+    version = tuple(int(part) for part in re.findall(r"\d+", keras.__version__)[:3])
+    if version >= SAFE_KERAS:
+        return None
+    return (f"Keras {keras.__version__} is older than 3.14.0, which fixed a safe-mode bypass "
+            "(CVE-2026-1462) and a path traversal (GHSA-hqp4-2352-xf5r) in loading model "
+            "files. Upgrade it: pip install --upgrade \"keras>=3.14\"")
 
 
 def reload_tolerance(policy):
@@ -1677,6 +1676,8 @@ def peak_memory_mb():
 
 
 # %%
+if keras_too_old():  # this run's own model reloads; a model file from elsewhere would not
+    print(f"warning: {keras_too_old()}")
 model_path = os.path.join(settings.output_dir, "mnist_cnn.keras")
 write_atomically(model_path, cnn.save)  # the plain call is cnn.save(model_path)
 reloaded = keras.saving.load_model(model_path)
