@@ -1233,7 +1233,7 @@ def plot_history(history, best_epoch, schedule, total_steps, steps_per_epoch, lo
     for axis, corner in zip(axes[:2], ("lower right", "upper right")):  # where curves are not
         axis.axvline(best_epoch, color="gray", linestyle=":", label="best validation (kept)")
         axis.set_xticks(np.arange(1, len(history["loss"]) + 1))
-        axis.legend(loc=corner, fontsize=8)
+        axis.legend(loc=corner, fontsize=8, framealpha=0.6)  # points show through
     axes[0].set_title("accuracy (training: mean over the epoch, dropout on)", fontsize=10)
     steps = np.unique(np.linspace(0, total_steps - 1, 200).astype(int))
     axes[2].plot(steps / steps_per_epoch, [float(schedule(step)) for step in steps])
