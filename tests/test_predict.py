@@ -1,6 +1,5 @@
 """Reading the user's own digits (--predict), and the saliency maps."""
 import csv
-import os
 
 import numpy as np
 import pytest
