@@ -1676,8 +1676,9 @@ def peak_memory_mb():
 
 
 # %%
-if keras_too_old():  # this run's own model reloads; a model file from elsewhere would not
-    print(f"warning: {keras_too_old()}")
+keras_problem = keras_too_old()  # this run's own model reloads; one from elsewhere would not
+if keras_problem:
+    print(f"warning: {keras_problem}")
 model_path = os.path.join(settings.output_dir, "mnist_cnn.keras")
 write_atomically(model_path, cnn.save)  # the plain call is cnn.save(model_path)
 reloaded = keras.saving.load_model(model_path)
@@ -1993,8 +1994,9 @@ PREDICT_FIGURE_IMAGES = 24   # at most this many images are drawn in predictions
 
 def load_trained_model(path):
     """A model file the user names: only with a Keras that loads model files safely."""
-    if keras_too_old():
-        fail(f"{keras_too_old()} (then run --predict again).")
+    keras_problem = keras_too_old()
+    if keras_problem:
+        fail(f"{keras_problem} (then run --predict again).")
     if not os.path.isfile(path):
         fail(f"no trained model at {path}. Train one first: python cnn_mnist_classifier.py "
              "(or add --quick for a short tour), then run --predict again "
