@@ -8,7 +8,7 @@ look inside it, save it, and read *your* handwritten digit. It runs on the three
 that train (TensorFlow, the default; JAX; PyTorch), on a CPU or a GPU.
 
     pip install -r requirements.txt && python cnn_mnist_classifier.py
-    python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, 6,000 images)
+    python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, about a minute)
     python cnn_mnist_classifier.py --data-dir DIR        # offline: the four MNIST files in DIR
     python cnn_mnist_classifier.py --predict my_digits/  # read your own handwritten digits
     KERAS_BACKEND=jax python cnn_mnist_classifier.py     # the same lesson on JAX
@@ -79,11 +79,14 @@ SETTINGS = {  # name: (default, help, check). The type of the default is the fla
     # Output, and the tools
     "output_dir": ("outputs", "where figures, history.csv, metrics.json and the model go", None),
     "no_show": (False, "only save figures, never open windows", None),
-    "quick": (False, "a short tour: 1 epoch on 6,000 images (600 of them validate)", None),
+    "quick": (False, "a short tour: 1 epoch over all the training images", None),
     "predict": ([], "skip the lesson: read these images (files or folders) of digits", None),
-    "model": ("", "the model --predict reads; empty: OUTPUT_DIR/mnist_cnn.keras", None),
+    "draw": (False, "skip the lesson: draw digits in a window and watch the model read them",
+             None),
+    "model": ("", "the model --predict and --draw read; empty: OUTPUT_DIR/mnist_cnn.keras",
+              None),
 }
-QUICK = {"epochs": 1, "train_subset": 6000}  # what --quick changes, unless given too
+QUICK = {"epochs": 1}  # what --quick changes, unless given too
 
 
 # %%
@@ -112,6 +115,8 @@ def parse_settings(argv=None, in_notebook=False):
         value = getattr(known, name)
         if check and not check[0](value):
             parser.error(f"--{name.replace('_', '-')} must be {check[1]}, got {value}")
+    if known.predict and known.draw:
+        parser.error("choose one of --predict and --draw")
     if os.path.isfile(known.output_dir):
         parser.error(f"--output-dir {known.output_dir!r} is a file, not a folder")
     known.model = known.model or os.path.join(known.output_dir, "mnist_cnn.keras")
@@ -258,9 +263,10 @@ if RUNNING and not IN_NOTEBOOK and (settings.no_show or not (
 import matplotlib.pyplot as plt
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-if RUNNING and settings.predict and not IN_NOTEBOOK:  # a tool, not the lesson: section 22
-    sys.exit(load_definitions(__file__).predict_files(settings.predict, settings.model,
-                                                      settings.output_dir))
+if RUNNING and (settings.predict or settings.draw) and not IN_NOTEBOOK:  # tools: 22, 23
+    tools = load_definitions(__file__)
+    sys.exit(tools.draw_window(settings.model) if settings.draw else
+             tools.predict_files(settings.predict, settings.model, settings.output_dir))
 
 
 # %%
@@ -1142,7 +1148,7 @@ def train(model, x, y, validation_data, epochs, batch_size, extra_callbacks=()):
 
 
 def write_csv(path, header, rows):
-    """A CSV file, written atomically (history.csv here, predictions.csv in section 22)."""
+    """A CSV file, written atomically (history.csv here, predictions.csv in section 23)."""
     def write(temporary_path):
         with open(temporary_path, "w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([header, *rows])
@@ -1973,12 +1979,335 @@ if IN_COLAB:
 else:
     print("Read your own digits: python cnn_mnist_classifier.py --predict my_digit.jpg "
           f"(or a folder) --model {model_path}")
-if not IN_NOTEBOOK and matplotlib.get_backend().lower() != "agg":
-    plt.show()  # a script with a screen: every figure opens at the end
 
 
 # %% [markdown]
-# ## 22. `--predict`: read digits from image files and folders
+# ## 22. Draw a digit, and watch the network read it
+#
+# Draw with the mouse and the network reads the drawing as you go. The pad is turned into a
+# 28x28 digit by the photo recipe of section 21, and beside it you see that digit, the ten
+# probabilities (section 16) and the most active feature maps of each block (section 17),
+# updated while you draw. The pad is 280x280 pixels, ten times MNIST's 28, and the brush
+# draws round strokes 24 pixels wide: a digit drawn 200 pixels tall is scaled by 20/200 =
+# 0.1, so its strokes become 2.4 pixels wide, close to MNIST's 2.9.
+#
+# In a script run with a screen, the window opens at the end of the lesson, and
+# `python cnn_mnist_classifier.py --draw` opens it again later without training. In Colab a
+# drawing canvas appears below this cell; in Jupyter and VS Code the same canvas appears if
+# the small `anywidget` package is installed (`pip install anywidget`).
+
+# %%
+print("\n## 22. Draw a digit, and watch the network read it")
+import base64
+from matplotlib.widgets import Button
+from PIL import ImageDraw
+
+PAD_SIZE = 280        # the drawing pad's pixels per side: 10 x MNIST's 28
+BRUSH_WIDTH = 24      # pixels on the pad: 2.4 at 28x28 for a digit drawn 200 pixels tall
+READS_PER_SECOND = 12  # at most this many readings a second while a stroke goes on
+PAD_RECT = (0.02, 0.1, 0.4, 0.8)  # the pad's place in the window: left, bottom, width, height
+FILE_ONLY_BACKENDS = ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template")
+
+
+def reading_model(model):
+    """One call, every answer: each block's feature maps and the ten probabilities."""
+    return keras.Model(model.inputs[0], [model.get_layer(name).output
+                                         for name in block_outputs(model)] + [model.outputs[0]])
+
+
+def read_drawing(probe, picture):
+    """(28x28 digit, probabilities, block maps) for a drawing (a PIL image)."""
+    digit, _ = prepare_digit(picture)
+    outputs = probe.predict_on_batch(digit[np.newaxis, :, :, np.newaxis])  # compiled: fast
+    *maps, probabilities = [np.asarray(output)[0] for output in outputs]
+    return digit, probabilities.astype("float32"), maps
+
+
+def reading_text(probabilities):
+    return f"read: {int(probabilities.argmax())} ({probabilities.max():.0%})"
+
+
+# %%
+def drawing_window():
+    """The window's parts: the pad, the 28x28 digit, the bars, a row of feature maps per block."""
+    with plt.rc_context({"toolbar": "None"}):  # no zoom or pan tools on a drawing pad
+        figure = plt.figure(figsize=(12, 6))
+    figure.canvas.manager.set_window_title("Draw a digit")
+    parts = {"figure": figure, "pad": figure.add_axes(PAD_RECT),
+             "digit": figure.add_axes((0.47, 0.55, 0.14, 0.3)),
+             "bars": figure.add_axes((0.46, 0.12, 0.16, 0.3)),
+             "maps": [figure.add_axes((0.67, 0.62 - 0.26 * row, 0.31, 0.18)) for row in range(3)]}
+    parts["pad_image"] = parts["pad"].imshow(np.zeros((PAD_SIZE, PAD_SIZE)), cmap="gray",
+                                             vmin=0, vmax=255, interpolation="nearest")
+    parts["digit_image"] = parts["digit"].imshow(np.zeros((28, 28)), cmap="gray", vmin=0, vmax=1)
+    parts["digit"].set_title("the network sees", fontsize=10)
+    parts["bar_list"] = parts["bars"].bar(range(10), np.zeros(10), color="lightgray")
+    parts["bars"].set(ylim=(0, 1), xticks=range(10), title="probabilities")
+    parts["map_images"] = [axis.imshow(np.zeros((1, 4)), vmin=0, vmax=1, interpolation="nearest")
+                           for axis in parts["maps"]]
+    for row, axis in enumerate(parts["maps"]):
+        axis.set_title(f"block {row + 1}: its most active feature maps", fontsize=9)
+    for axis in [parts["pad"], parts["digit"], *parts["maps"]]:
+        axis.set_axis_off()
+    parts["changing"] = [parts["pad_image"], parts["pad"].title, parts["digit_image"],
+                         *parts["bar_list"], *parts["map_images"]]
+    for artist in parts["changing"]:
+        artist.set_animated(True)  # drawn by refresh_window, not by a full redraw
+
+    def remember_background(event):  # after each full redraw (a resize, say)
+        parts["background"] = figure.canvas.copy_from_bbox(figure.bbox)
+        for artist in parts["changing"]:
+            figure.draw_artist(artist)
+    figure.canvas.mpl_connect("draw_event", remember_background)
+    return parts
+
+
+def refresh_window(parts, artists=None):
+    """Redraw only what changed (all that changes, or just `artists`) on the saved background:
+    matplotlib's *blitting*. A full redraw of this window is too slow to follow the mouse."""
+    canvas, figure = parts["figure"].canvas, parts["figure"]
+    if parts.get("background") is None:  # not drawn yet
+        canvas.draw_idle()
+        return
+    if artists is None:
+        canvas.restore_region(parts["background"])
+    for artist in artists or parts["changing"]:
+        figure.draw_artist(artist)
+    canvas.blit(artists[0].axes.bbox if artists else figure.bbox)
+
+
+def strongest_maps(block_maps, count=4):
+    """The `count` most active maps of a block side by side, each scaled to 0-1, with gaps."""
+    strongest = np.argsort(-block_maps.mean(axis=(0, 1)))[:count]
+    size = block_maps.shape[0]
+    row = np.full((size, count * (size + 1) - 1), np.nan)  # NaN: the white gaps
+    for place, channel in enumerate(strongest):
+        one_map = block_maps[:, :, channel]
+        row[:, place * (size + 1):place * (size + 1) + size] = (
+            (one_map - one_map.min()) / max(float(np.ptp(one_map)), 1e-6))
+    return row
+
+
+def show_in_window(parts, text, digit, probabilities, maps):
+    """Put one reading into the window: the digit, the bars, each block's most active maps."""
+    parts["digit_image"].set_data(digit)
+    for bar, probability in zip(parts["bar_list"], probabilities):
+        bar.set_height(probability)
+        bar.set_color("tab:blue" if probability == probabilities.max() > 0 else "lightgray")
+    for image, block_maps in zip(parts["map_images"], maps or [np.zeros((1, 1, 1))] * 3):
+        image.set_data(strongest_maps(block_maps))
+    parts["pad"].set_title(f"{text}   (left button: draw, right button: clear)")
+    refresh_window(parts)
+
+
+# %%
+class DrawingPad:
+    """The window's behaviour: the left mouse button draws; the right button or Clear clears."""
+
+    def __init__(self, model):
+        self.probe, self.parts = reading_model(model), drawing_window()
+        self.picture = Image.new("L", (PAD_SIZE, PAD_SIZE))  # black paper, white ink
+        self.pen, self.last_point, self.last_read = ImageDraw.Draw(self.picture), None, 0.0
+        figure = self.parts["figure"]
+        self.clear_button = Button(figure.add_axes((0.02, 0.02, 0.1, 0.06)), "Clear")
+        self.clear_button.on_clicked(lambda _: self.clear())
+        for event, handler in (("button_press_event", self.press),
+                               ("motion_notify_event", self.move),
+                               ("button_release_event", self.release)):
+            figure.canvas.mpl_connect(event, handler)
+        self.clear()
+
+    def press(self, event):
+        if event.inaxes is self.parts["pad"] and event.button == 3:  # right button: clear
+            self.clear()
+        elif event.inaxes is self.parts["pad"] and event.button == 1:
+            self.last_point = (event.xdata, event.ydata)
+            self.draw_to(event.xdata, event.ydata)
+
+    def move(self, event):
+        if self.last_point is not None and event.inaxes is self.parts["pad"]:
+            self.draw_to(event.xdata, event.ydata)
+            if time.perf_counter() - self.last_read >= 1 / READS_PER_SECOND:
+                self.read()
+
+    def release(self, event):
+        if self.last_point is not None:
+            self.last_point = None
+            print(self.read(), flush=True)  # a stroke ended: say what the network reads
+
+    def draw_to(self, x, y):
+        """A round-ended stroke from the last point to (x, y), in pad pixels."""
+        radius = BRUSH_WIDTH / 2
+        self.pen.line([self.last_point, (x, y)], fill=255, width=BRUSH_WIDTH)
+        self.pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
+        self.last_point = (x, y)
+        self.parts["pad_image"].set_data(np.asarray(self.picture))
+        refresh_window(self.parts, [self.parts["pad_image"]])
+
+    def clear(self):
+        self.pen.rectangle((0, 0, PAD_SIZE, PAD_SIZE), fill=0)
+        self.last_point = None
+        self.parts["pad_image"].set_data(np.asarray(self.picture))
+        self.read()
+
+    def read(self):
+        """The recipe and the network on the pad, shown in the window; the reading in words."""
+        self.last_read = time.perf_counter()
+        digit, probabilities, maps = np.zeros((28, 28)), np.zeros(10), []
+        text = "nothing drawn yet"
+        if np.asarray(self.picture).any():
+            try:
+                digit, probabilities, maps = read_drawing(self.probe, self.picture)
+                text = reading_text(probabilities)
+            except ImageProblem as problem:
+                text = f"read: nothing ({problem})"
+        show_in_window(self.parts, text, digit, probabilities, maps)
+        return text
+
+
+# %% [markdown]
+# In a notebook the window cannot open, so the same pad is a small web page in the cell's
+# output: an HTML canvas and a few lines of JavaScript that send the drawing (as a PNG) to
+# Python after every stroke and draw the answer as bars.
+
+# %%
+CANVAS_JS = """
+function drawingPad(root, send) {  // send(png data URL) may return a Promise of a reading
+  root.innerHTML = `<div style="display:flex;gap:16px;align-items:flex-start">
+    <div><canvas width="%(size)d" height="%(size)d" style="background:#000;touch-action:none;
+      cursor:crosshair"></canvas><br><button>Clear</button> <span class="text">nothing drawn
+      yet</span></div><div><img class="digit" width="112" height="112"
+      style="image-rendering:pixelated;background:#000"><div class="bars" style="display:flex;
+      gap:3px;align-items:flex-end;height:120px"></div></div></div>`;
+  const canvas = root.querySelector("canvas"), pen = canvas.getContext("2d");
+  const text = root.querySelector(".text"), bars = root.querySelector(".bars");
+  let last = null;
+  function show(reading) {
+    text.textContent = reading.text;
+    root.querySelector(".digit").src = reading.digit || "";
+    bars.innerHTML = (reading.probabilities || []).map((p, d) => `<div style="text-align:
+      center;font:11px sans-serif"><div style="width:16px;height:${Math.round(100 * p)}px;
+      background:${p === Math.max(...reading.probabilities) ? "#1f77b4" : "#ccc"}"></div>
+      ${d}</div>`).join("");
+  }
+  function clear() {
+    pen.fillStyle = "#000";
+    pen.fillRect(0, 0, canvas.width, canvas.height);
+    show({text: "nothing drawn yet"});
+  }
+  function point(event) {
+    const box = canvas.getBoundingClientRect();
+    return [event.clientX - box.left, event.clientY - box.top];
+  }
+  canvas.addEventListener("pointerdown", event => {
+    if (event.button === 2) return clear();
+    last = point(event);
+    canvas.setPointerCapture(event.pointerId);
+  });
+  canvas.addEventListener("pointermove", event => {
+    if (!last) return;
+    const next = point(event);
+    Object.assign(pen, {strokeStyle: "#fff", lineWidth: %(brush)d, lineCap: "round"});
+    pen.beginPath();
+    pen.moveTo(...last);
+    pen.lineTo(...next);
+    pen.stroke();
+    last = next;
+  });
+  canvas.addEventListener("pointerup", () => {
+    if (!last) return;
+    last = null;
+    Promise.resolve(send(canvas.toDataURL("image/png"))).then(r => r && show(r));
+  });
+  canvas.addEventListener("contextmenu", event => event.preventDefault());
+  root.querySelector("button").addEventListener("click", clear);
+  clear();
+  return show;
+}
+""" % {"size": PAD_SIZE, "brush": BRUSH_WIDTH}
+
+
+def read_png_drawing(probe, data_url):
+    """What the canvas sends (a PNG as a data URL) -> a reading for the page, as a dict."""
+    picture = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    picture = picture.convert("L")
+    if not np.asarray(picture).any():
+        return {"text": "nothing drawn yet"}
+    try:
+        digit, probabilities, _ = read_drawing(probe, picture)
+    except ImageProblem as problem:
+        return {"text": f"read: nothing ({problem})"}
+    png = io.BytesIO()
+    Image.fromarray((digit * 255).astype(np.uint8)).save(png, format="PNG")
+    return {"text": reading_text(probabilities), "probabilities": probabilities.tolist(),
+            "digit": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}
+
+
+# %%
+def show_canvas_in_colab(model):
+    """Colab: the page calls Python through google.colab's kernel bridge."""
+    from google.colab import output  # type: ignore
+    from IPython.display import HTML, JSON, display
+    probe = reading_model(model)
+    output.register_callback("mnist.read", lambda url: JSON(read_png_drawing(probe, url)))
+    display(HTML("<div id='mnist-pad'></div><script>" + CANVAS_JS + "drawingPad(document."
+                 "getElementById('mnist-pad'), url => google.colab.kernel.invokeFunction("
+                 "'mnist.read', [url], {}).then(r => r.data['application/json']));</script>"))
+
+
+def show_canvas_widget(model):
+    """Jupyter and VS Code: the same page as an anywidget, which syncs two values."""
+    import anywidget
+    import traitlets
+    from IPython.display import display
+
+    class DrawingCanvas(anywidget.AnyWidget):
+        _esm = CANVAS_JS + """export default { render({ model, el }) {
+            const show = drawingPad(el, url => { model.set("png", url); model.save_changes(); });
+            model.on("change:reading", () => show(model.get("reading"))); } };"""
+        png = traitlets.Unicode("").tag(sync=True)
+        reading = traitlets.Dict().tag(sync=True)
+
+    probe, widget = reading_model(model), DrawingCanvas()
+    widget.observe(lambda change: setattr(widget, "reading", read_png_drawing(
+        probe, change["new"])), names="png")
+    display(widget)
+    return widget
+
+
+# %%
+def draw_window(model_path):
+    """--draw: the saved model reads what you draw, until the window is closed."""
+    if matplotlib.get_backend().lower() in FILE_ONLY_BACKENDS:
+        fail("--draw needs a screen to open a window on, and there is none here (no display, "
+             "or MPLBACKEND or --no-show chose files only). To read digits from image files "
+             "instead: python cnn_mnist_classifier.py --predict my_digit.jpg")
+    pad = DrawingPad(load_trained_model(model_path))  # kept alive: its button needs it
+    print("Draw a digit with the left mouse button (right button or Clear: clear); close "
+          "the window to finish.", flush=True)
+    plt.show()
+    return 0
+
+
+if IN_COLAB:
+    show_canvas_in_colab(cnn)
+elif IN_NOTEBOOK:
+    try:
+        show_canvas_widget(cnn)
+    except ImportError:
+        print("To draw a digit here: pip install anywidget, then run this cell again; or, "
+              f"from a terminal: python cnn_mnist_classifier.py --draw --model {model_path}")
+elif matplotlib.get_backend().lower() not in FILE_ONLY_BACKENDS:
+    drawing_pad = DrawingPad(cnn)
+    print("Draw your own digit in the window \"Draw a digit\": close the windows to finish.")
+    plt.show()  # a script with a screen: every figure opens at the end
+else:
+    print("With a screen, draw your own digits and watch them read: python "
+          f"cnn_mnist_classifier.py --draw --model {model_path}")
+
+
+# %% [markdown]
+# ## 23. `--predict`: read digits from image files and folders
 #
 # A tool, not part of the lesson: the setup cell calls `predict_files` and skips everything
 # else. It loads the saved model and reads each image with the recipe above, in batches, so a

@@ -14,6 +14,8 @@ with MNIST_DATA_DIR set (e.g. MNIST_DATA_DIR=../shared/mnist):
     python tests/benchmark.py --short         # a 2-minute check
     python tests/benchmark.py --photos outputs/mnist_cnn.keras   # the photo recipe, per kind
     python tests/benchmark.py --layer-speed ours   # 100 steps: none, ours or keras augmentation
+    python tests/benchmark.py --draw-speed outputs/mnist_cnn.keras   # the drawing window's
+                                  # readings per second while a stroke goes on (needs a screen)
 
 Every configuration trains in its own fresh Python process, one after the other, on the same
 data split, and reports wall-clock and CPU seconds (CPU time is steadier on a shared machine),
@@ -29,6 +31,7 @@ Results are printed and written as JSON (default benchmark.json).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -336,6 +339,46 @@ def sweep_configs(seeds):
     return configs
 
 
+def draw_speed(model_path, seconds=3.0, mouse_hz=100):
+    """The --draw window, in this process, with the screen's own backend: a mouse drawing a
+    circle sends its position mouse_hz times a second; while the window is busy, positions
+    queue up and only the latest is handled (as Tk and Qt compress motion events). Counts
+    the readings (recipe, network, window update) and pad updates per second."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import MouseEvent
+    tutorial = load_tutorial()
+    pad = tutorial.DrawingPad(tutorial.load_trained_model(model_path))
+    figure, axis = pad.parts["figure"], pad.parts["pad"]
+    plt.show(block=False)
+    figure.canvas.draw()
+    figure.canvas.flush_events()
+    reads, handled = [], 0
+    read = pad.read
+    pad.read = lambda: (reads.append(time.perf_counter()), read())[1]
+
+    def send(name, t):
+        angle = 2 * math.pi * t / seconds
+        x, y = 140 + 70 * math.sin(angle), 140 - 100 * math.cos(angle)
+        px, py = axis.transData.transform((x, y))
+        figure.canvas.callbacks.process(name, MouseEvent(name, figure.canvas, px, py, button=1))
+
+    send("button_press_event", 0.0)
+    started = time.perf_counter()
+    while (now := time.perf_counter() - started) < seconds:
+        send("motion_notify_event", now)  # the latest position; the ones missed are dropped
+        handled += 1
+        figure.canvas.flush_events()
+        time.sleep(max(0.0, 1 / mouse_hz - (time.perf_counter() - started - now)))
+    during = [r for r in reads if r >= started]
+    send("button_release_event", seconds)
+    result = {"backend": matplotlib.get_backend(), "seconds": seconds,
+              "readings_per_second": round(len(during) / seconds, 1),
+              "pad_updates_per_second": round(handled / seconds, 1), "machine": cpu_name()}
+    print(json.dumps(result))
+    return result
+
+
 def summarise(results):
     """Mean and range over seeds, per configuration name."""
     by_name = {}
@@ -376,8 +419,13 @@ def main():
     parser.add_argument("--layer-speed", choices=("none", "ours", "keras"),
                         help="time 100 training steps with that augmentation (set "
                         "KERAS_BACKEND for the backend)")
+    parser.add_argument("--draw-speed", metavar="MODEL", help="readings per second in the "
+                        "drawing window while a stroke goes on (needs a screen)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.draw_speed:
+        draw_speed(args.draw_speed)
+        return
     if args.worker:
         worker(json.loads(args.worker))
         return
