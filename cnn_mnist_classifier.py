@@ -820,11 +820,12 @@ save_figure(plot_convolution([
 #   (one batch) as
 #   average = momentum * average + (1 - momentum) * batch value. (This momentum has nothing
 #   to do with the optimizer's.) Momentum 0.99 means the average mostly reflects the last
-#   1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (`--quick`)
-#   0.99^43 = 65% of the starting guess (mean 0, variance 1) is still in the average, and in
-#   one epoch of 422 steps the weights change so much that the last 100 steps' statistics
-#   come from quite different networks. So we use 1 - 10 / steps, kept within [0.5, 0.99]:
-#   0.99 for the default run of 4,220 steps, 0.976 for one epoch, 0.767 for `--quick`.
+#   1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (one epoch
+#   on 5,400 images) 0.99^43 = 65% of the starting guess (mean 0, variance 1) is still in the
+#   average, and in one epoch of 422 steps (`--quick`) the weights change so much that the
+#   last 100 steps' statistics come from quite different networks. So we use 1 - 10 / steps,
+#   kept within [0.5, 0.99]: 0.99 for the default run of 4,220 steps, 0.976 for one epoch,
+#   0.767 for 43 steps.
 # * **Where BatchNorm goes.** We normalise after the ReLU (Conv-ReLU-BN); the BatchNorm paper
 #   put it before (Conv-BN-ReLU). Both are common and both train well. In Conv-BN-ReLU the
 #   convolution's bias is redundant (BatchNorm subtracts the mean, bias included, and adds its
@@ -2028,8 +2029,9 @@ def reading_text(probabilities):
 
 
 # %%
-def drawing_window():
-    """The window's parts: the pad, the 28x28 digit, the bars, a row of feature maps per block."""
+def drawing_window(map_sizes, count=4):
+    """The window's parts: the pad, the 28x28 digit, the bars, and for each block a row of
+    its `count` most active feature maps (map_sizes: their sides, 13, 5 and 3 in ours)."""
     with plt.rc_context({"toolbar": "None"}):  # no zoom or pan tools on a drawing pad
         figure = plt.figure(figsize=(12, 6))
     figure.canvas.manager.set_window_title("Draw a digit")
@@ -2043,8 +2045,9 @@ def drawing_window():
     parts["digit"].set_title("the network sees", fontsize=10)
     parts["bar_list"] = parts["bars"].bar(range(10), np.zeros(10), color="lightgray")
     parts["bars"].set(ylim=(0, 1), xticks=range(10), title="probabilities")
-    parts["map_images"] = [axis.imshow(np.zeros((1, 4)), vmin=0, vmax=1, interpolation="nearest")
-                           for axis in parts["maps"]]
+    parts["map_images"] = [axis.imshow(np.full((size, count * (size + 1) - 1), np.nan), vmin=0,
+                                       vmax=1, interpolation="nearest")
+                           for axis, size in zip(parts["maps"], map_sizes)]
     for row, axis in enumerate(parts["maps"]):
         axis.set_title(f"block {row + 1}: its most active feature maps", fontsize=9)
     for axis in [parts["pad"], parts["digit"], *parts["maps"]]:
@@ -2094,8 +2097,9 @@ def show_in_window(parts, text, digit, probabilities, maps):
     for bar, probability in zip(parts["bar_list"], probabilities):
         bar.set_height(probability)
         bar.set_color("tab:blue" if probability == probabilities.max() > 0 else "lightgray")
-    for image, block_maps in zip(parts["map_images"], maps or [np.zeros((1, 1, 1))] * 3):
-        image.set_data(strongest_maps(block_maps))
+    for image, block_maps in zip(parts["map_images"], maps or [None] * 3):
+        blank = np.full(image.get_array().shape, np.nan)
+        image.set_data(blank if block_maps is None else strongest_maps(block_maps))
     parts["pad"].set_title(f"{text}   (left button: draw, right button: clear)")
     refresh_window(parts)
 
@@ -2105,7 +2109,8 @@ class DrawingPad:
     """The window's behaviour: the left mouse button draws; the right button or Clear clears."""
 
     def __init__(self, model):
-        self.probe, self.parts = reading_model(model), drawing_window()
+        self.probe = reading_model(model)
+        self.parts = drawing_window([output.shape[1] for output in self.probe.outputs[:-1]])
         self.picture = Image.new("L", (PAD_SIZE, PAD_SIZE))  # black paper, white ink
         self.pen, self.last_point, self.last_read = ImageDraw.Draw(self.picture), None, 0.0
         figure = self.parts["figure"]
@@ -2250,9 +2255,19 @@ def show_canvas_in_colab(model):
     from IPython.display import HTML, JSON, display
     probe = reading_model(model)
     output.register_callback("mnist.read", lambda url: JSON(read_png_drawing(probe, url)))
-    display(HTML("<div id='mnist-pad'></div><script>" + CANVAS_JS + "drawingPad(document."
-                 "getElementById('mnist-pad'), url => google.colab.kernel.invokeFunction("
-                 "'mnist.read', [url], {}).then(r => r.data['application/json']));</script>"))
+    display(HTML(colab_canvas_html()))
+
+
+def colab_canvas_html():
+    """The canvas, calling the Python function registered as "mnist.read" after each stroke."""
+    return ("<div id='mnist-pad'></div><script>" + CANVAS_JS + "drawingPad(document."
+            "getElementById('mnist-pad'), url => google.colab.kernel.invokeFunction("
+            "'mnist.read', [url], {}).then(r => r.data['application/json']));</script>")
+
+
+WIDGET_JS = CANVAS_JS + """export default { render({ model, el }) {  // anywidget's module
+  const show = drawingPad(el, url => { model.set("png", url); model.save_changes(); });
+  model.on("change:reading", () => show(model.get("reading"))); } };"""
 
 
 def show_canvas_widget(model):
@@ -2262,9 +2277,7 @@ def show_canvas_widget(model):
     from IPython.display import display
 
     class DrawingCanvas(anywidget.AnyWidget):
-        _esm = CANVAS_JS + """export default { render({ model, el }) {
-            const show = drawingPad(el, url => { model.set("png", url); model.save_changes(); });
-            model.on("change:reading", () => show(model.get("reading"))); } };"""
+        _esm = WIDGET_JS
         png = traitlets.Unicode("").tag(sync=True)
         reading = traitlets.Dict().tag(sync=True)
 

@@ -23,9 +23,9 @@ def test_defaults_are_the_settings_table(tutorial):
     assert settings.model.endswith("mnist_cnn.keras")
 
 
-def test_quick_means_one_epoch_on_a_subset_unless_overridden(tutorial):
+def test_quick_means_one_epoch_on_all_images_unless_overridden(tutorial):
     quick = tutorial.parse_settings(["--quick"])
-    assert (quick.epochs, quick.train_subset) == (1, tutorial.QUICK["train_subset"])
+    assert (quick.epochs, quick.train_subset) == (1, 0)
     custom = tutorial.parse_settings(["--quick", "--epochs", "2", "--train-subset", "3000"])
     assert (custom.epochs, custom.train_subset) == (2, 3000)
 

@@ -54,7 +54,7 @@ def test_balanced_subset_has_equal_classes(tutorial):
 
 
 def test_batchnorm_momentum_adapts_to_run_length(tutorial):
-    """The values section 8 states: 0.767 for --quick's 43 steps, 0.976 for one epoch of 422,
+    """The values section 8 states: 0.767 for 43 steps, 0.976 for one epoch of 422 (--quick),
     0.99 (capped; the rule alone gives 0.9976) for the default 4,220, about 100 steps' memory."""
     assert abs(tutorial.batchnorm_momentum_for(43) - 0.767) < 1e-3
     assert abs(tutorial.batchnorm_momentum_for(422) - 0.976) < 1e-3
@@ -66,12 +66,12 @@ def test_batchnorm_momentum_adapts_to_run_length(tutorial):
 
 def test_steps_per_epoch_stated_in_the_lesson(tutorial):
     """54,000 images / 128 = 422 steps (the last batch has 112 images), 4,220 in 10 epochs;
-    --quick: 5,400 images, 43 steps."""
+    and one epoch on 5,400 images: 43 steps (section 8)."""
     import math
     batch_size, epochs = tutorial.SETTINGS["batch_size"][0], tutorial.SETTINGS["epochs"][0]
     assert math.ceil(54_000 / batch_size) == 422 and 54_000 - 421 * batch_size == 112
     assert 422 * epochs == 4220
-    assert math.ceil(round(tutorial.QUICK["train_subset"] * 0.9) / batch_size) == 43
+    assert math.ceil(5_400 / batch_size) == 43
 
 
 def test_parameter_counts_for_both_paddings(tutorial):
