@@ -161,8 +161,8 @@ def test_jax_runs_without_tensorflow_with_augmentation_on(tmp_path):
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(NO_TENSORFLOW)
     output_dir = tmp_path / "out"
-    completed = run_script(["--quick", "--augment-min-epochs", "1", "--no-show", "--output-dir",
-                            str(output_dir), *DATA_ARGS],
+    completed = run_script(["--quick", "--train-subset", "6000", "--augment-min-epochs", "1",
+                            "--no-show", "--output-dir", str(output_dir), *DATA_ARGS],
                            env_overrides={"KERAS_BACKEND": "jax", "PYTHONPATH": str(hide)})
     metrics = check_run(completed, output_dir)
     assert metrics["backend"] == "jax" and metrics["augmentation"] is True
