@@ -2110,6 +2110,7 @@ class DrawingPad:
 
     def __init__(self, model):
         self.probe = reading_model(model)
+        self.probe.predict_on_batch(np.zeros((1, 28, 28, 1)))  # compile now, not mid-stroke
         self.parts = drawing_window([output.shape[1] for output in self.probe.outputs[:-1]])
         self.picture = Image.new("L", (PAD_SIZE, PAD_SIZE))  # black paper, white ink
         self.pen, self.last_point, self.last_read = ImageDraw.Draw(self.picture), None, 0.0
