@@ -22,7 +22,7 @@ NO_TENSORFLOW = textwrap.dedent("""
 """)
 
 
-def check_run(completed, output_dir, epochs=1):
+def check_run(completed, output_dir, epochs=1, least_accuracy=0.80):
     """What a user checks after a run: every figure, no traceback, metrics that make sense."""
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
@@ -38,7 +38,8 @@ def check_run(completed, output_dir, epochs=1):
     assert metrics["epochs"] == epochs and metrics["parameters"] == 250_058
     assert metrics["reload_predictions_match"] is True
     # Chance is 10%; one short epoch must already be far above it.
-    assert metrics["test_accuracy"] >= 0.80 and metrics["best_val_accuracy"] >= 0.80, metrics
+    assert metrics["test_accuracy"] >= least_accuracy, metrics
+    assert metrics["best_val_accuracy"] >= least_accuracy, metrics
     return metrics
 
 
@@ -96,55 +97,52 @@ def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
         assert float(accuracy) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
 
-def test_runs_as_one_notebook_cell_and_repeats_the_same_numbers(quick_run, tmp_path):
-    """Colab's way: the whole file in one cell of a real Jupyter kernel, after a cell that
-    sets sys.argv. Same seed and settings as the script run, so the same test accuracy
-    (this is also the reproducibility check: two CPU runs, same numbers)."""
+def run_notebook(cells, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    _, _, script_metrics = quick_run
-    output_dir = tmp_path / "notebook_outputs"
-    argv = ["cnn_mnist_classifier.py", "--quick", "--output-dir", str(output_dir), *DATA_ARGS]
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(cell) for cell in cells]
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return notebook
+
+
+def test_runs_as_one_cell_and_cell_by_cell_with_the_same_numbers(tmp_path):
+    """Colab's way: the whole file in one cell of a real Jupyter kernel, after a cell that
+    sets sys.argv; and VS Code's and jupytext's: each `# %%` cell its own notebook cell, in
+    order. Same seed and settings, so the same test accuracy (this is also the
+    reproducibility check: two CPU runs, same numbers)."""
     with open(SCRIPT, encoding="utf-8") as handle:
         source = handle.read()
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell(f"import sys\nsys.argv = {argv!r}"),
-                      nbformat.v4.new_code_cell(source)]
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = notebook.cells[1].outputs
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs), \
-        "figures should be shown inline in a notebook"
-    for name in EXPECTED_FIGURES:
-        assert (output_dir / name).is_file(), name
-    notebook_metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert notebook_metrics["test_accuracy"] == script_metrics["test_accuracy"]
-    assert notebook_metrics["test_loss"] == script_metrics["test_loss"]
-
-
-def test_runs_cell_by_cell_as_a_notebook(tmp_path):
-    """The `# %%` cells, each its own notebook cell, run in order (VS Code, jupytext)."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    with open(SCRIPT, encoding="utf-8") as handle:
-        cells = re.split(r"^# %%.*$", handle.read(), flags=re.MULTILINE)
-    code_cells = [cell for cell in cells if cell.strip() and not all(
-        line.startswith("#") or not line.strip() for line in cell.splitlines())]
-    argv = ["cnn_mnist_classifier.py", "--quick", "--train-subset", "1000",
-            "--output-dir", str(tmp_path / "out"), *DATA_ARGS]
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell(f"import sys\nsys.argv = {argv!r}")] + [
-        nbformat.v4.new_code_cell(cell) for cell in code_cells[1:]]  # [0]: the docstring
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    assert len(notebook.cells) > 15
-    assert (tmp_path / "out" / "metrics.json").is_file()
+    metrics = []
+    for way in ("one cell", "cell by cell"):
+        output_dir = tmp_path / way.replace(" ", "_")
+        argv = ["cnn_mnist_classifier.py", "--quick", "--train-subset", "1000",
+                "--output-dir", str(output_dir), *DATA_ARGS]
+        cells = re.split(r"^# %%.*$", source, flags=re.MULTILINE)[1:]  # [0]: the docstring
+        code = [source] if way == "one cell" else [cell for cell in cells if cell.strip() and
+                                                  not all(line.startswith("#") or not
+                                                          line.strip() for line in
+                                                          cell.splitlines())]
+        notebook = run_notebook([f"import sys\nsys.argv = {argv!r}", *code], tmp_path)
+        outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs), \
+            "figures should be shown inline in a notebook"
+        assert any("To draw a digit here" in o.get("text", "") or "application/vnd.jupyter"
+                   ".widget-view+json" in o.get("data", {}) for o in outputs), \
+            "the drawing canvas (a widget) or the line saying how to get it"
+        for name in EXPECTED_FIGURES:
+            assert (output_dir / name).is_file(), name
+        metrics.append(json.loads((output_dir / "metrics.json").read_text()))
+    assert len(code) > 15
+    assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
+    assert metrics[0]["test_loss"] == metrics[1]["test_loss"]
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_two_device_data_parallel_path_on_a_cpu_split_in_two(tmp_path, backend):
-    completed = run_script(["--quick", "--epochs", "2", "--train-subset", "3000",
+    completed = run_script(["--quick", "--epochs", "2", "--train-subset", "2000",
                             "--cpu-replicas", "2",
                             "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS],
                            env_overrides={"KERAS_BACKEND": backend})
@@ -153,7 +151,7 @@ def test_two_device_data_parallel_path_on_a_cpu_split_in_two(tmp_path, backend):
     assert metrics["device"] == "CPU split into 2 devices"
     assert metrics["backend"] == backend
     assert metrics["reload_predictions_match"] is True
-    assert metrics["test_accuracy"] > 0.5  # 44 steps on 2,700 images: learning, not chance
+    assert metrics["test_accuracy"] > 0.5  # 30 steps on 1,800 images: learning, not chance
 
 
 def test_jax_runs_without_tensorflow_with_augmentation_on(tmp_path):
@@ -162,10 +160,10 @@ def test_jax_runs_without_tensorflow_with_augmentation_on(tmp_path):
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(NO_TENSORFLOW)
     output_dir = tmp_path / "out"
-    completed = run_script(["--quick", "--train-subset", "6000", "--augment-min-epochs", "1",
+    completed = run_script(["--quick", "--train-subset", "2000", "--augment-min-epochs", "1",
                             "--no-show", "--output-dir", str(output_dir), *DATA_ARGS],
                            env_overrides={"KERAS_BACKEND": "jax", "PYTHONPATH": str(hide)})
-    metrics = check_run(completed, output_dir)
+    metrics = check_run(completed, output_dir, least_accuracy=0.5)  # 15 augmented steps
     assert metrics["backend"] == "jax" and metrics["augmentation"] is True
     assert metrics["jit_compile"] is True  # auto: JAX compiles on a CPU too
     assert "augmentation: on" in completed.stdout
