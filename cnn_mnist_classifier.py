@@ -1848,19 +1848,24 @@ def ink_up(grey):
 
 
 def ink_only(ink):
-    """Step 3: subtract the slow paper shading (a blur much wider than a stroke), smooth the
-    camera noise, and keep the pixels clearly brighter than the noise. (ink, mask)."""
+    """Step 3: the ink, and nothing else. On even paper (the darker half of the pixels all
+    within a few percent of the contrast) the ink is everything above the paper, soft edges
+    kept. On uneven paper, subtract the slow shading (a blur much wider than a stroke) first,
+    and keep only pixels clearly brighter than the noise. Returns (ink, mask)."""
     size = max(ink.shape)
-    residual = np.clip(blur(ink - blur(ink, sigma=size / 12), sigma=max(0.6, size / 400)), 0,
-                       None)
+    paper, top = np.percentile(ink, 50), np.percentile(ink, 99.9)
+    even = paper - np.percentile(ink, 1) < 0.05 * (top - paper)
+    shading = paper if even else blur(ink, sigma=size / 12)
+    residual = np.clip(blur(ink - shading, sigma=max(0.6, size / 400)), 0, None)
     noise = 1.4826 * np.median(np.abs(residual - np.median(residual)))  # robust spread
     peak = np.percentile(residual, 99.9)
-    threshold = max(4 * noise, 0.25 * peak)
+    threshold = max(4 * noise, (0.1 if even else 0.25) * peak)
     mask = residual > threshold
     mask &= blur(mask.astype(np.float32), sigma=1.0) > 0.3  # drop isolated specks
     if peak < 0.08 or peak < 6 * noise or not mask.any():
         raise ImageProblem("no ink found (the image looks blank or has too little contrast)")
-    return np.where(mask, np.clip((residual - threshold) / (peak - threshold), 0, 1), 0.0), mask
+    floor = 0.0 if even else threshold  # even paper: keep the soft grey edges as they are
+    return np.where(mask, np.clip((residual - floor) / (peak - floor), 0, 1), 0.0), mask
 
 
 # %%
@@ -1876,7 +1881,7 @@ def crop_and_thicken(ink):
     factor = 20.0 / max(cropped.shape)
     missing = (MNIST_STROKE_WIDTH - stroke_width(cropped > 0.5) * factor) / factor
     if missing >= 2:
-        size = 2 * int(missing // 2) + 1  # an odd window adds size - 1 pixels of width
+        size = min(2 * int(missing // 2) + 1, 31)  # odd: adds size - 1 pixels of width
         padded = Image.fromarray(np.pad(cropped, size).astype(np.float32), mode="F")
         cropped = crop_to_ink(np.asarray(padded.filter(ImageFilter.MaxFilter(size))))
     return cropped
