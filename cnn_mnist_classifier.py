@@ -1746,8 +1746,10 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 # 1. **Grey**: colour carries no information about the digit.
 # 2. **Polarity**: MNIST measures ink (0 = none). Paper is most of a photo, so if the typical
 #    (median) pixel is bright, the ink is dark: invert.
-# 3. **Ink only**: subtract a heavily blurred copy (uneven light and paper shading), smooth
-#    away camera noise, keep only pixels clearly brighter than the noise.
+# 3. **Ink only**: on evenly lit paper (a scan, the drawing pad of section 22) the ink is
+#    everything above the paper's level, soft edges and all. On uneven paper, subtract a
+#    heavily blurred copy first (the light and the shading), smooth away camera noise and keep
+#    only pixels clearly brighter than the noise.
 # 4. **Crop** to the ink, and thicken thin pen strokes towards MNIST's (about 2.9 pixels
 #    wide after scaling).
 # 5. (MNIST) **Scale** the longer side to 20 pixels, averaging.

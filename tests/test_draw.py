@@ -129,14 +129,21 @@ def test_draw_without_a_screen_says_so(quick_run):
         assert time.perf_counter() - started < 60  # no wait for a window
 
 
-def test_draw_with_a_missing_model_gives_the_predict_message(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, SCRIPT, "--draw", "--model", str(tmp_path / "none.keras")],
-        capture_output=True, text=True, timeout=120,
-        env=script_env({"DISPLAY": ":0", "MPLBACKEND": "TkAgg"}))
-    # Without a real display the screen check may answer first; either way, one clear line.
-    assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert "no trained model at" in completed.stderr or "--draw needs a screen" in completed.stderr
+def test_draw_with_a_missing_or_broken_model_gives_the_predict_messages(tmp_path):
+    """With a screen (Xvfb), a model that is not there or not a model: --predict's messages."""
+    (tmp_path / "broken.keras").write_bytes(b"not a zip file")
+    server, display = start_xvfb()
+    try:
+        for name, message in (("none.keras", "no trained model at"),
+                              ("broken.keras", "is not a Keras model this script can load")):
+            completed = subprocess.run(
+                [sys.executable, SCRIPT, "--draw", "--model", str(tmp_path / name)],
+                capture_output=True, text=True, timeout=120,
+                env=script_env({"DISPLAY": display, "MPLBACKEND": None}))
+            assert completed.returncode == 1 and "Traceback" not in completed.stderr
+            assert message in completed.stderr, completed.stderr
+    finally:
+        server.kill()
 
 
 # ---------------------------------------------------------------- a real window, a real mouse
