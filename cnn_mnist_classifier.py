@@ -2014,6 +2014,7 @@ PAD_SIZE = 280        # the drawing pad's pixels per side: 10 x MNIST's 28
 BRUSH_WIDTH = 24      # pixels on the pad: 2.4 at 28x28 for a digit drawn 200 pixels tall
 READS_PER_SECOND = 12  # at most this many readings a second while a stroke goes on
 PAD_RECT = (0.02, 0.1, 0.4, 0.8)  # the pad's place in the window: left, bottom, width, height
+MAPS_SHOWN = 4        # feature maps shown per block: the most active ones
 FILE_ONLY_BACKENDS = ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template")
 
 
@@ -2036,9 +2037,9 @@ def reading_text(probabilities):
 
 
 # %%
-def drawing_window(map_sizes, count=4):
+def drawing_window(map_sizes):
     """The window's parts: the pad, the 28x28 digit, the bars, and for each block a row of
-    its `count` most active feature maps (map_sizes: their sides, 13, 5 and 3 in ours)."""
+    its most active feature maps (map_sizes: their sides, 13, 5 and 3 in ours)."""
     with plt.rc_context({"toolbar": "None"}):  # no zoom or pan tools on a drawing pad
         figure = plt.figure(figsize=(12, 6))
     figure.canvas.manager.set_window_title("Draw a digit")
@@ -2052,8 +2053,8 @@ def drawing_window(map_sizes, count=4):
     parts["digit"].set_title("the network sees", fontsize=10)
     parts["bar_list"] = parts["bars"].bar(range(10), np.zeros(10), color="lightgray")
     parts["bars"].set(ylim=(0, 1), xticks=range(10), title="probabilities")
-    parts["map_images"] = [axis.imshow(np.full((size, count * (size + 1) - 1), np.nan), vmin=0,
-                                       vmax=1, interpolation="nearest")
+    parts["map_images"] = [axis.imshow(np.full((size, MAPS_SHOWN * (size + 1) - 1), np.nan),
+                                       vmin=0, vmax=1, interpolation="nearest")
                            for axis, size in zip(parts["maps"], map_sizes)]
     for row, axis in enumerate(parts["maps"]):
         axis.set_title(f"block {row + 1}: its most active feature maps", fontsize=9)
@@ -2086,11 +2087,12 @@ def refresh_window(parts, artists=None):
     canvas.blit(artists[0].axes.bbox if artists else figure.bbox)
 
 
-def strongest_maps(block_maps, count=4):
-    """The `count` most active maps of a block side by side, each scaled to 0-1, with gaps."""
-    strongest = np.argsort(-block_maps.mean(axis=(0, 1)))[:count]
+# %%
+def strongest_maps(block_maps):
+    """The most active maps of a block side by side, each scaled to 0-1, with gaps."""
+    strongest = np.argsort(-block_maps.mean(axis=(0, 1)))[:MAPS_SHOWN]
     size = block_maps.shape[0]
-    row = np.full((size, count * (size + 1) - 1), np.nan)  # NaN: the white gaps
+    row = np.full((size, MAPS_SHOWN * (size + 1) - 1), np.nan)  # NaN: the white gaps
     for place, channel in enumerate(strongest):
         one_map = block_maps[:, :, channel]
         row[:, place * (size + 1):place * (size + 1) + size] = (
@@ -2240,6 +2242,7 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
 """ % {"size": PAD_SIZE, "brush": BRUSH_WIDTH}
 
 
+# %%
 def read_png_drawing(probe, data_url):
     """What the canvas sends (a PNG as a data URL) -> a reading for the page, as a dict."""
     picture = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
