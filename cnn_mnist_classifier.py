@@ -4,13 +4,15 @@ One file, read top to bottom: load the MNIST digits and look at them, meet a neu
 (dense) network, compute a convolution by hand, then build a convolutional network (three
 Conv+ReLU -> BatchNorm blocks, the first two followed by max-pooling, then a small dense
 classifier), train it with Adam, watch it learn and overfit, evaluate it once on the test set,
-look inside it, save it, and read *your* handwritten digit. It runs on the three Keras backends
-that train (TensorFlow, the default; JAX; PyTorch), on a CPU or a GPU.
+look inside it, save it, and read *your* handwritten digit, from a photo or drawn with the
+mouse while it watches. It runs on the three Keras backends that train (TensorFlow, the
+default; JAX; PyTorch), on a CPU or a GPU.
 
     pip install -r requirements.txt && python cnn_mnist_classifier.py
     python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, about a minute)
     python cnn_mnist_classifier.py --data-dir DIR        # offline: the four MNIST files in DIR
     python cnn_mnist_classifier.py --predict my_digits/  # read your own handwritten digits
+    python cnn_mnist_classifier.py --draw                # draw digits; watch the network read
     KERAS_BACKEND=jax python cnn_mnist_classifier.py     # the same lesson on JAX
 
 or paste the whole file into one Google Colab cell and run it. Everything it makes goes to
@@ -1997,12 +1999,14 @@ else:
 # probabilities (section 16) and the most active feature maps of each block (section 17),
 # updated while you draw. The pad is 280x280 pixels, ten times MNIST's 28, and the brush
 # draws round strokes 24 pixels wide: a digit drawn 200 pixels tall is scaled by 20/200 =
-# 0.1, so its strokes become 2.4 pixels wide, close to MNIST's 2.9.
+# 0.1, so its strokes become about 2.4 pixels wide, and step 4 of the recipe thickens them
+# the rest of the way to MNIST's 2.9.
 #
 # In a script run with a screen, the window opens at the end of the lesson, and
 # `python cnn_mnist_classifier.py --draw` opens it again later without training. In Colab a
-# drawing canvas appears below this cell; in Jupyter and VS Code the same canvas appears if
-# the small `anywidget` package is installed (`pip install anywidget`).
+# drawing canvas appears below this cell instead; in Jupyter and VS Code the same canvas
+# appears if the small `anywidget` package is installed. The canvas reads each stroke when it
+# ends and shows the 28x28 digit and the bars (the feature maps are the window's).
 
 # %%
 print("\n## 22. Draw a digit, and watch the network read it")
@@ -2019,16 +2023,24 @@ FILE_ONLY_BACKENDS = ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template")
 
 
 def reading_model(model):
-    """One call, every answer: each block's feature maps and the ten probabilities."""
-    return keras.Model(model.inputs[0], [model.get_layer(name).output
-                                         for name in block_outputs(model)] + [model.outputs[0]])
+    """One call, every answer: each block's feature maps (if the model has our blocks) and
+    the ten probabilities. Compiled here, so that the first stroke does not wait for it."""
+    try:
+        maps = [model.get_layer(name).output for name in block_outputs(model)]
+    except (IndexError, ValueError):  # a model without conv1-conv3: the probabilities only
+        maps = []
+    probe = keras.Model(model.inputs[0], maps + [model.outputs[0]])
+    probe.predict_on_batch(np.zeros((1, 28, 28, 1), "float32"))
+    return probe
 
 
 def read_drawing(probe, picture):
     """(28x28 digit, probabilities, block maps) for a drawing (a PIL image)."""
     digit, _ = prepare_digit(picture)
-    outputs = probe.predict_on_batch(digit[np.newaxis, :, :, np.newaxis])  # compiled: fast
-    *maps, probabilities = [np.asarray(output)[0] for output in outputs]
+    # predict_on_batch: one compiled call, without predict()'s per-call set-up
+    outputs = probe.predict_on_batch(digit[np.newaxis, :, :, np.newaxis])
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    *maps, probabilities = [np.asarray(output)[0] for output in outputs]  # probabilities last
     return digit, probabilities.astype("float32"), maps
 
 
@@ -2046,15 +2058,16 @@ def drawing_window(map_sizes):
     parts = {"figure": figure, "pad": figure.add_axes(PAD_RECT),
              "digit": figure.add_axes((0.47, 0.55, 0.14, 0.3)),
              "bars": figure.add_axes((0.46, 0.12, 0.16, 0.3)),
-             "maps": [figure.add_axes((0.67, 0.62 - 0.26 * row, 0.31, 0.18)) for row in range(3)]}
+             "maps": [figure.add_axes((0.67, 0.62 - 0.26 * row, 0.31, 0.18))
+                      for row in range(len(map_sizes))]}
     parts["pad_image"] = parts["pad"].imshow(np.zeros((PAD_SIZE, PAD_SIZE)), cmap="gray",
                                              vmin=0, vmax=255, interpolation="nearest")
     parts["digit_image"] = parts["digit"].imshow(np.zeros((28, 28)), cmap="gray", vmin=0, vmax=1)
     parts["digit"].set_title("the network sees", fontsize=10)
     parts["bar_list"] = parts["bars"].bar(range(10), np.zeros(10), color="lightgray")
     parts["bars"].set(ylim=(0, 1), xticks=range(10), title="probabilities")
-    parts["map_images"] = [axis.imshow(np.full((size, MAPS_SHOWN * (size + 1) - 1), np.nan),
-                                       vmin=0, vmax=1, interpolation="nearest")
+    parts["map_images"] = [axis.imshow(strongest_maps(np.zeros((*size, 0))), vmin=0, vmax=1,
+                                       interpolation="nearest")
                            for axis, size in zip(parts["maps"], map_sizes)]
     for row, axis in enumerate(parts["maps"]):
         axis.set_title(f"block {row + 1}: its most active feature maps", fontsize=9)
@@ -2089,13 +2102,14 @@ def refresh_window(parts, artists=None):
 
 # %%
 def strongest_maps(block_maps):
-    """The most active maps of a block side by side, each scaled to 0-1, with gaps."""
+    """The most active maps of a block side by side, each scaled to 0-1, with gaps (NaN:
+    drawn white). No maps (an empty pad): all gaps."""
     strongest = np.argsort(-block_maps.mean(axis=(0, 1)))[:MAPS_SHOWN]
-    size = block_maps.shape[0]
-    row = np.full((size, MAPS_SHOWN * (size + 1) - 1), np.nan)  # NaN: the white gaps
+    height, width = block_maps.shape[:2]
+    row = np.full((height, MAPS_SHOWN * (width + 1) - 1), np.nan)
     for place, channel in enumerate(strongest):
         one_map = block_maps[:, :, channel]
-        row[:, place * (size + 1):place * (size + 1) + size] = (
+        row[:, place * (width + 1):place * (width + 1) + width] = (
             (one_map - one_map.min()) / max(float(np.ptp(one_map)), 1e-6))
     return row
 
@@ -2103,10 +2117,11 @@ def strongest_maps(block_maps):
 def show_in_window(parts, text, digit, probabilities, maps):
     """Put one reading into the window: the digit, the bars, each block's most active maps."""
     parts["digit_image"].set_data(digit)
+    highest = probabilities.max()
     for bar, probability in zip(parts["bar_list"], probabilities):
         bar.set_height(probability)
-        bar.set_color("tab:blue" if probability == probabilities.max() > 0 else "lightgray")
-    for image, block_maps in zip(parts["map_images"], maps or [None] * 3):
+        bar.set_color("tab:blue" if highest > 0 and probability == highest else "lightgray")
+    for image, block_maps in zip(parts["map_images"], maps or [None] * len(parts["maps"])):
         blank = np.full(image.get_array().shape, np.nan)
         image.set_data(blank if block_maps is None else strongest_maps(block_maps))
     parts["pad"].set_title(f"{text}   (left button: draw, right button: clear)")
@@ -2119,8 +2134,7 @@ class DrawingPad:
 
     def __init__(self, model):
         self.probe = reading_model(model)
-        self.probe.predict_on_batch(np.zeros((1, 28, 28, 1)))  # compile now, not mid-stroke
-        self.parts = drawing_window([output.shape[1] for output in self.probe.outputs[:-1]])
+        self.parts = drawing_window([output.shape[1:3] for output in self.probe.outputs[:-1]])
         self.picture = Image.new("L", (PAD_SIZE, PAD_SIZE))  # black paper, white ink
         self.pen, self.last_point, self.last_read = ImageDraw.Draw(self.picture), None, 0.0
         figure = self.parts["figure"]
@@ -2140,8 +2154,8 @@ class DrawingPad:
             self.draw_to(event.xdata, event.ydata)
 
     def move(self, event):
-        if self.last_point is not None and event.inaxes is self.parts["pad"]:
-            self.draw_to(event.xdata, event.ydata)
+        if self.last_point is not None:  # off the pad too: Pillow draws only what is on it
+            self.draw_to(*self.parts["pad"].transData.inverted().transform((event.x, event.y)))
             if time.perf_counter() - self.last_read >= 1 / READS_PER_SECOND:
                 self.read()
 
@@ -2177,6 +2191,7 @@ class DrawingPad:
             except ImageProblem as problem:
                 text = f"read: nothing ({problem})"
         show_in_window(self.parts, text, digit, probabilities, maps)
+        self.last_read = time.perf_counter()  # the next reading waits from here
         return text
 
 
@@ -2188,7 +2203,8 @@ class DrawingPad:
 # %%
 CANVAS_JS = """
 function drawingPad(root, send) {  // send(png data URL) may return a Promise of a reading
-  root.innerHTML = `<div style="display:flex;gap:16px;align-items:flex-start">
+  root.innerHTML = `<div data-jp-suppress-context-menu
+    style="display:flex;gap:16px;align-items:flex-start">
     <div><canvas width="%(size)d" height="%(size)d" style="background:#000;touch-action:none;
       cursor:crosshair"></canvas><br><button>Clear</button> <span class="text">nothing drawn
       yet</span></div><div><img class="digit" width="112" height="112"
@@ -2196,7 +2212,7 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
       gap:3px;align-items:flex-end;height:120px"></div></div></div>`;
   const canvas = root.querySelector("canvas"), pen = canvas.getContext("2d");
   const text = root.querySelector(".text"), bars = root.querySelector(".bars");
-  let last = null;
+  let last = null, strokes = 0;  // strokes: a late answer to an older stroke is dropped
   function show(reading) {
     text.textContent = reading.text;
     root.querySelector(".digit").src = reading.digit || "";
@@ -2206,6 +2222,7 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
       ${d}</div>`).join("");
   }
   function clear() {
+    strokes += 1;
     pen.fillStyle = "#000";
     pen.fillRect(0, 0, canvas.width, canvas.height);
     show({text: "nothing drawn yet"});
@@ -2216,8 +2233,13 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
   }
   canvas.addEventListener("pointerdown", event => {
     if (event.button === 2) return clear();
+    if (event.button !== 0) return;  // the left button (or a finger) draws
     last = point(event);
     canvas.setPointerCapture(event.pointerId);
+    pen.fillStyle = "#fff";  // a dot, in case the pointer does not move
+    pen.beginPath();
+    pen.arc(...last, %(brush)d / 2, 0, 2 * Math.PI);
+    pen.fill();
   });
   canvas.addEventListener("pointermove", event => {
     if (!last) return;
@@ -2229,17 +2251,23 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
     pen.stroke();
     last = next;
   });
-  canvas.addEventListener("pointerup", () => {
+  function strokeEnded() {
     if (!last) return;
     last = null;
-    Promise.resolve(send(canvas.toDataURL("image/png"))).then(r => r && show(r));
-  });
+    const stroke = ++strokes;
+    Promise.resolve(send(canvas.toDataURL("image/png")))
+      .then(reading => reading && stroke === strokes && show(reading))
+      .catch(error => show({text: "could not read the drawing: " + error}));
+  }
+  for (const name of ["pointerup", "pointercancel", "lostpointercapture"]) {
+    canvas.addEventListener(name, strokeEnded);
+  }
   canvas.addEventListener("contextmenu", event => event.preventDefault());
   root.querySelector("button").addEventListener("click", clear);
   clear();
   return show;
 }
-""" % {"size": PAD_SIZE, "brush": BRUSH_WIDTH}
+""" % {"size": PAD_SIZE, "brush": BRUSH_WIDTH}  # a %-format string: a literal % is %%
 
 
 # %%
@@ -2319,8 +2347,9 @@ elif IN_NOTEBOOK:
     try:
         show_canvas_widget(cnn)
     except ImportError:
-        print("To draw a digit here: pip install anywidget, then run this cell again; or, "
-              f"from a terminal: python cnn_mnist_classifier.py --draw --model {model_path}")
+        print("To draw a digit here: pip install \"anywidget>=0.9\", reload the page and run "
+              "this cell again; or, from a terminal: python cnn_mnist_classifier.py --draw "
+              f"--model {model_path}")
 elif matplotlib.get_backend().lower() not in FILE_ONLY_BACKENDS:
     drawing_pad = DrawingPad(cnn)
     print("Draw your own digit in the window \"Draw a digit\": close the windows to finish.")
