@@ -2191,7 +2191,6 @@ class DrawingPad:
             except ImageProblem as problem:
                 text = f"read: nothing ({problem})"
         show_in_window(self.parts, text, digit, probabilities, maps)
-        self.last_read = time.perf_counter()  # the next reading waits from here
         return text
 
 
