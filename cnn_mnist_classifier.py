@@ -2035,17 +2035,21 @@ def reading_model(model):
 
 
 def read_drawing(probe, picture):
-    """(28x28 digit, probabilities, block maps) for a drawing (a PIL image)."""
-    digit, _ = prepare_digit(picture)
+    """A drawing (a PIL image) read: (in words, 28x28 digit, probabilities, block maps). An
+    empty pad, or one the recipe finds no digit on, gets words and blanks, not a prediction."""
+    blanks = (np.zeros((28, 28), "float32"), np.zeros(10, "float32"), [])
+    if not np.asarray(picture).any():
+        return ("nothing drawn yet", *blanks)
+    try:
+        digit, _ = prepare_digit(picture)
+    except ImageProblem as problem:
+        return (f"read: nothing ({problem})", *blanks)
     # predict_on_batch: one compiled call, without predict()'s per-call set-up
     outputs = probe.predict_on_batch(digit[np.newaxis, :, :, np.newaxis])
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     *maps, probabilities = [np.asarray(output)[0] for output in outputs]  # probabilities last
-    return digit, probabilities.astype("float32"), maps
-
-
-def reading_text(probabilities):
-    return f"read: {int(probabilities.argmax())} ({probabilities.max():.0%})"
+    words = f"read: {int(probabilities.argmax())} ({probabilities.max():.0%})"
+    return words, digit, probabilities.astype("float32"), maps
 
 
 # %%
@@ -2182,14 +2186,7 @@ class DrawingPad:
     def read(self):
         """The recipe and the network on the pad, shown in the window; the reading in words."""
         self.last_read = time.perf_counter()
-        digit, probabilities, maps = np.zeros((28, 28)), np.zeros(10), []
-        text = "nothing drawn yet"
-        if np.asarray(self.picture).any():
-            try:
-                digit, probabilities, maps = read_drawing(self.probe, self.picture)
-                text = reading_text(probabilities)
-            except ImageProblem as problem:
-                text = f"read: nothing ({problem})"
+        text, digit, probabilities, maps = read_drawing(self.probe, self.picture)
         show_in_window(self.parts, text, digit, probabilities, maps)
         return text
 
@@ -2272,17 +2269,13 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
 # %%
 def read_png_drawing(probe, data_url):
     """What the canvas sends (a PNG as a data URL) -> a reading for the page, as a dict."""
-    picture = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
-    picture = picture.convert("L")
-    if not np.asarray(picture).any():
-        return {"text": "nothing drawn yet"}
-    try:
-        digit, probabilities, _ = read_drawing(probe, picture)
-    except ImageProblem as problem:
-        return {"text": f"read: nothing ({problem})"}
+    picture = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")
+    text, digit, probabilities, _ = read_drawing(probe, picture)
+    if not probabilities.any():  # nothing drawn, or no digit found: the words only
+        return {"text": text}
     png = io.BytesIO()
     Image.fromarray((digit * 255).astype(np.uint8)).save(png, format="PNG")
-    return {"text": reading_text(probabilities), "probabilities": probabilities.tolist(),
+    return {"text": text, "probabilities": probabilities.tolist(),
             "digit": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}
 
 

@@ -317,15 +317,10 @@ def test_colab_callback_returns_the_reading(tutorial, trained_model, monkeypatch
     from PIL import Image, ImageDraw
     picture = Image.new("L", (tutorial.PAD_SIZE, tutorial.PAD_SIZE))
     ImageDraw.Draw(picture).line(smooth(STROKES[1][0]), fill=255, width=tutorial.BRUSH_WIDTH)
-    png = io.BytesIO()
-    picture.save(png, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    reading = registered["mnist.read"](url).data
+    reading = registered["mnist.read"](png_data_url(picture)).data
     assert reading["text"].startswith("read: 1 (") and len(reading["probabilities"]) == 10
-    blank = io.BytesIO()
-    Image.new("L", (tutorial.PAD_SIZE, tutorial.PAD_SIZE)).save(blank, format="PNG")
-    empty = registered["mnist.read"]("data:image/png;base64," +
-                                     base64.b64encode(blank.getvalue()).decode()).data
+    blank = Image.new("L", (tutorial.PAD_SIZE, tutorial.PAD_SIZE))
+    empty = registered["mnist.read"](png_data_url(blank)).data
     assert empty == {"text": "nothing drawn yet"}
 
 
