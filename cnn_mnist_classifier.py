@@ -1746,14 +1746,15 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 # scanned forms did not need:
 #
 # 1. **Grey**: colour carries no information about the digit.
-# 2. **Polarity**: MNIST measures ink (0 = none). Paper is most of a photo, so if the typical
-#    (median) pixel is bright, the ink is dark: invert.
-# 3. **Ink only**: on evenly lit paper (a scan, the drawing pad of section 22) the ink is
-#    everything above the paper's level, soft edges and all. On uneven paper, subtract a
-#    heavily blurred copy first (the light and the shading), smooth away camera noise and keep
-#    only pixels clearly brighter than the noise.
-# 4. **Crop** to the ink, and thicken thin pen strokes towards MNIST's (about 2.9 pixels
-#    wide after scaling).
+# 2. **Polarity**: MNIST measures ink (0 = none). The paper is what surrounds the digit, so
+#    the image's border shows the paper's greys; ink goes beyond them. Darker ink: invert.
+# 3. **Ink only**: subtract the paper's level. On evenly lit paper (a scan, the drawing pad
+#    of section 22) that is one grey. Under uneven light it changes across the page, sharply
+#    at a shadow's edge. The inverted ink is bright, so take the lowest value in a wide window
+#    around each pixel (paper, as a stroke is narrower than the window), then the highest of
+#    those: the paper's light and shadows, edges and all. Keep what stands above the noise.
+# 4. **Crop** to the ink, ignoring specks far from the digit, and thicken thin pen strokes
+#    towards MNIST's (about 2.9 pixels wide after scaling).
 # 5. (MNIST) **Scale** the longer side to 20 pixels, averaging.
 # 6. (MNIST) **Centre of mass** in the middle of a 28x28 image.
 #
@@ -1802,20 +1803,13 @@ def resize_array(array, size, resample=Image.Resampling.BOX):
 
 
 def blur(array, sigma):
-    """Gaussian blur of a float image. A wide blur is done on a shrunken copy (same result
-    for smooth shading, far less work), then enlarged back."""
-    array = array.astype(np.float32)
-    height, width = array.shape
-    shrink = max(1, int(sigma // 2))
-    if shrink > 1:
-        small = resize_array(array, (max(1, width // shrink), max(1, height // shrink)))
-        return resize_array(blur(small, sigma / shrink), (width, height),
-                            Image.Resampling.BILINEAR)
+    """A small Gaussian blur of a float image (Pillow's GaussianBlur takes 8-bit images only)."""
     offsets = np.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     kernel /= kernel.sum()
     pad = len(offsets) // 2
-    padded = np.pad(array, pad, mode="edge")
+    height, width = array.shape
+    padded = np.pad(array.astype(np.float32), pad, mode="edge")
     rows = sum(k * padded[:, pad + o: pad + o + width] for k, o in zip(kernel, offsets))
     return sum(k * rows[pad + o: pad + o + height, :] for k, o in zip(kernel, offsets))
 
@@ -1847,35 +1841,84 @@ def to_grey(image):
 
 
 def ink_up(grey):
-    """Step 2: the median pixel is paper. Bright paper means dark ink: invert."""
-    return 1.0 - grey if np.median(grey) > 0.5 else grey.copy()
+    """Step 2: the paper is what surrounds the digit, so take a frame along the border as
+    paper. Ink goes beyond the paper's greys: darker than its darkest (pen, pencil) or brighter
+    than its brightest (chalk). Dark ink: invert."""
+    k = max(1, min(grey.shape) // 20)
+    frame = np.concatenate([grey[:k].ravel(), grey[-k:].ravel(),
+                            grey[:, :k].ravel(), grey[:, -k:].ravel()])
+    paper_darkest, paper_brightest = np.percentile(frame, [5, 95])
+    darkest, brightest = np.percentile(grey, [0.1, 99.9])
+    beyond_dark, beyond_bright = paper_darkest - darkest, brightest - paper_brightest
+    if abs(beyond_dark - beyond_bright) < 0.05:  # ink reaches the frame: take its usual grey
+        ink_is_dark = np.median(frame) > (darkest + brightest) / 2
+    else:
+        ink_is_dark = beyond_dark > beyond_bright
+    return 1.0 - grey if ink_is_dark else grey.copy()
+
+
+def running_extreme(array, size, reduce):
+    """reduce (np.minimum or np.maximum) over `size` neighbours along each row, in the same
+    few passes for any size (van Herk's method; Pillow's MinFilter takes seconds here)."""
+    height, width = array.shape
+    blocks = -(-(width + size - 1) // size)
+    padded = np.pad(array, ((0, 0), (size // 2, blocks * size - width - size // 2)), mode="edge")
+    chunks = padded.reshape(height, blocks, size)
+    forward = reduce.accumulate(chunks, axis=2).reshape(height, -1)
+    backward = reduce.accumulate(chunks[:, :, ::-1], axis=2)[:, :, ::-1].reshape(height, -1)
+    return reduce(backward[:, :width], forward[:, size - 1:size - 1 + width])
+
+
+def paper_level(ink, size):
+    """The paper under the (bright) ink: the minimum over each size x size window, then the
+    maximum. Strokes narrower than the window vanish; paper, light falling off and the sharp
+    edge of a shadow stay where they are (a blur would smear that edge into the ink)."""
+    level = np.pad(ink, size, mode="reflect", reflect_type="odd")  # ramps go on past the border
+    for reduce in (np.minimum, np.maximum):
+        level = running_extreme(running_extreme(level, size, reduce).T, size, reduce).T
+    return level[size:-size, size:-size]
 
 
 def ink_only(ink):
-    """Step 3: the ink, and nothing else. On even paper (the darker half of the pixels all
-    within a few percent of the contrast) the ink is everything above the paper, soft edges
-    kept. On uneven paper, subtract the slow shading (a blur much wider than a stroke) first,
-    and keep only pixels clearly brighter than the noise. Returns (ink, mask)."""
+    """Step 3: the ink, and nothing else. On even paper (the darkest quarter of the pixels all
+    within a few percent of the contrast) the paper is one level; on uneven paper, its level at
+    each pixel from paper_level with a window a sixth of the image. Subtract it, smooth away
+    camera noise and keep the pixels clearly brighter than the noise, soft edges included."""
     size = max(ink.shape)
-    paper, top = np.percentile(ink, 50), np.percentile(ink, 99.9)
-    even = paper - np.percentile(ink, 1) < 0.05 * (top - paper)
-    shading = paper if even else blur(ink, sigma=size / 12)
-    residual = np.clip(blur(ink - shading, sigma=max(0.6, size / 400)), 0, None)
-    noise = 1.4826 * np.median(np.abs(residual - np.median(residual)))  # robust spread
+    darkest, quarter, top = np.percentile(ink, [1, 25, 99.9])
+    even = quarter - darkest < 0.05 * (top - quarter)
+    paper = quarter if even else paper_level(ink, int(size / 6) | 1)
+    residual = blur(ink - paper, sigma=max(0.6, size / 400))
+    low, paper_top = np.percentile(residual, [5, 25])  # at least a quarter of it is paper
+    noise = paper_top - low  # about one standard deviation of Gaussian camera noise
+    residual = np.clip(residual - paper_top, 0, None)
     peak = np.percentile(residual, 99.9)
-    threshold = max(4 * noise, (0.1 if even else 0.25) * peak)
-    mask = residual > threshold
+    mask = residual > max(4 * noise, (0.1 if even else 0.25) * peak)
     mask &= blur(mask.astype(np.float32), sigma=1.0) > 0.3  # drop isolated specks
     if peak < 0.08 or peak < 6 * noise or not mask.any():
         raise ImageProblem("no ink found (the image looks blank or has too little contrast)")
-    floor = 0.0 if even else threshold  # even paper: keep the soft grey edges as they are
-    return np.where(mask, np.clip((residual - floor) / (peak - floor), 0, 1), 0.0), mask
+    return np.where(mask, np.clip(residual / peak, 0, 1), 0.0)
 
 
 # %%
+def ink_span(profile, reach):
+    """Start and end of the run of non-empty entries holding the most ink, joined with the
+    runs less than `reach` away (a 7's separate bar), not with specks far off."""
+    edges = np.flatnonzero(np.diff(np.r_[0, (profile > 0).astype(int), 0]))
+    runs = list(zip(edges[::2], edges[1::2]))
+    start, end = max(runs, key=lambda run: profile[run[0]:run[1]].sum())
+    for _ in runs:
+        for run_start, run_end in runs:
+            if max(run_start - end, start - run_end) <= reach:
+                start, end = min(start, run_start), max(end, run_end)
+    return start, end
+
+
 def crop_to_ink(ink):
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rows, cols = ink.sum(axis=1), ink.sum(axis=0)
+    reach = 0.5 * max(end - start for start, end in (ink_span(rows, 0), ink_span(cols, 0)))
+    (top, bottom), (left, right) = ink_span(rows, reach), ink_span(cols, reach)
+    return ink[top:bottom, left:right]
 
 
 def crop_and_thicken(ink):
@@ -1912,7 +1955,7 @@ def prepare_digit(image):
     """A photo or scan of one digit -> (28x28 MNIST-style image in [0, 1], the steps)."""
     steps = {"grey": to_grey(image)}
     steps["inverted"] = ink_up(steps["grey"])
-    steps["ink"], _ = ink_only(steps["inverted"])
+    steps["ink"] = ink_only(steps["inverted"])
     steps["cropped"] = crop_and_thicken(steps["ink"])
     steps["mnist_style"] = mnist_box_and_centre(steps["cropped"])
     return steps["mnist_style"], steps
