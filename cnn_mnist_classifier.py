@@ -1758,9 +1758,9 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 # 5. (MNIST) **Scale** the longer side to 20 pixels, averaging.
 # 6. (MNIST) **Centre of mass** in the middle of a 28x28 image.
 #
-# Below we fake "photos" from test digits (bigger, dark ink on grey uneven noisy paper,
-# off-centre) and run the recipe on them. In Colab you can upload your own; elsewhere run
-# `python cnn_mnist_classifier.py --predict my_digit.jpg` (or a folder of photos).
+# Below we fake "photos" from test digits (bigger, dark ink on grey paper with a shadow
+# across it, noisy, off-centre) and run the recipe on them. In Colab you can upload your own;
+# elsewhere run `python cnn_mnist_classifier.py --predict my_digit.jpg` (or a folder).
 
 # %%
 print("\n## 21. Try your own digit")
@@ -1967,14 +1967,16 @@ def prepare_digit_file(path):
 
 # %%
 def make_photo_like(digit, rng, canvas=(360, 480)):
-    """Fake a phone photo of an MNIST digit: enlarged, dark ink on uneven grey paper, noisy,
-    off-centre, in colour. Returns an RGB uint8 array."""
+    """Fake a phone photo of an MNIST digit: enlarged, dark ink on grey paper with the light
+    falling off and a shadow across it, noisy, off-centre, in colour. An RGB uint8 array."""
     height, width = canvas
     scale = int(rng.integers(5, 9))
     big = resize_array(digit.astype(np.float32), (28 * scale, 28 * scale),
                        Image.Resampling.BICUBIC).clip(0, 1)
     rows, cols = np.mgrid[0:height, 0:width] / max(height, width)
     paper = 0.75 + 0.12 * rows - 0.08 * cols + rng.normal(0, 0.02)  # light falling off
+    edge = cols - rng.uniform(-0.6, 0.6) * rows - rng.uniform(0.2, 0.8)  # a hand's shadow
+    paper = paper * (1 - 0.4 / (1 + np.exp(-edge / 0.01)))
     top = int(rng.integers(0, height - big.shape[0]))
     left = int(rng.integers(0, width - big.shape[1]))
     ink = np.zeros((height, width), np.float32)
