@@ -23,7 +23,8 @@ run reaches about 99.5% test accuracy; README.md has the measurements (machine, 
 # %% [markdown]
 # ## 1. Settings
 #
-# Sections 1 and 2 are the machinery: on a first reading, skip to section 3. Every knob a
+# Sections 1 and 2 are the machinery: on a first reading, skip to section 3 (and there, past
+# the file readers to the line that loads MNIST). Every knob a
 # learner may want to turn is one row of this table: its default and what it does (each is
 # explained where the lesson uses it). In Colab, edit a default and run again; in a shell,
 # pass the flag of the same name (`epochs` is `--epochs 3`); `--help` lists them all.
@@ -157,7 +158,8 @@ def fail(message, exit_code=1):
     sys.exit(exit_code)
 
 
-NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWEF]\d{4} \d\d:\d\d:")
+# Info, warning and error lines; a fatal one (F...) always passes: the process aborts after it.
+NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:")
 
 
 def hide_native_logs():
@@ -623,8 +625,8 @@ save_figure(plot_preprocessing(x_train_all[0]), "03_preprocessing.png", settings
 # weights (2, -1) and bias 0.5: 2*0.5 - 1*1.0 + 0.5 = 0.5. Our activation is *ReLU*,
 # max(0, x): (-2, 0.5, 3) becomes (0, 0.5, 3). Without it, two layers in a row collapse into
 # one, (x W1 + b1) W2 + b2 = x (W1 W2) + (b1 W2 + b2), so stacking layers would add nothing;
-# ReLU's kink at 0 lets every extra layer add something new (such as the curved boundaries
-# between one digit and another).
+# ReLU's kink at 0 lets every extra layer add something new (boundaries between one digit
+# and another made of many straight pieces, bent where a neuron switches on).
 #
 # A *Dense* layer is many neurons side by side, each connected to every input. A 28x28 digit
 # flattened to 784 numbers gives each neuron 784 weights and a bias, and the whole layer is
@@ -809,25 +811,24 @@ save_figure(plot_convolution([
 # * **Max-pooling** keeps the largest value of each 2x2 block, stride 2: width and height
 #   halve, rounded down (26 -> 13, 11 -> 5). Each block sees a wider patch of the digit: one
 #   value after conv1 depends on 3x3 input pixels (its *receptive field*), after pool1 on 4x4,
-#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. (The rule: a layer of size k
-#   adds (k - 1) times the current spacing of its inputs in pixels, and each pool doubles
-#   that spacing: 3, 3 + 1*1 = 4, 4 + 2*2 = 8, 8 + 1*2 = 10, 10 + 2*4 = 18.)
+#   conv2 8x8, pool2 10x10, conv3 18x18 of the 28x28 image. (The rule: call *spacing* the
+#   distance, in input pixels, between two neighbouring values a layer reads: 1 at first,
+#   doubled after each pool. A layer of size k adds (k - 1) times that spacing:
+#   3, 3 + 1*1 = 4, 4 + 2*2 = 8, 8 + 1*2 = 10, 10 + 2*4 = 18.)
 # * **BatchNormalization** rescales each channel to mean 0 and standard deviation 1 (then a
 #   learned scale and offset): values (2, 4, 6) have mean 4 and standard deviation 1.63, and
 #   become (-1.22, 0, 1.22). This keeps training stable at larger learning rates (section
 #   10). In *training* it uses the current batch's mean and variance (the square of the
-#   standard deviation); at *test* time it uses
-#   moving averages collected during training. In short, a short run must update those
-#   averages faster so that they are ready in time. In detail: they are updated each step
-#   (one batch) as
-#   average = momentum * average + (1 - momentum) * batch value. (This momentum has nothing
-#   to do with the optimizer's.) Momentum 0.99 means the average mostly reflects the last
-#   1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (one epoch
-#   on 5,400 images) 0.99^43 = 65% of the starting guess (mean 0, variance 1) is still in the
-#   average, and in one epoch of 422 steps (`--quick`) the weights change so much that the
-#   last 100 steps' statistics come from quite different networks. So we use 1 - 10 / steps,
-#   kept within [0.5, 0.99]: 0.99 for the default run of 4,220 steps, 0.976 for one epoch,
-#   0.767 for 43 steps.
+#   standard deviation); at *test* time it uses moving averages collected during training,
+#   updated each step (one batch) as
+#   average = momentum * average + (1 - momentum) * batch value. (This BatchNorm momentum is
+#   not the optimizer's of section 10.) Momentum 0.99 means the average mostly reflects the
+#   last 1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (one
+#   epoch on 5,400 images, `--train-subset 6000`) 0.99^43 = 65% of the starting guess
+#   (mean 0, variance 1) is still in the average, and in one epoch of 422 steps (`--quick`)
+#   the weights change so much that the last 100 steps' statistics come from quite different
+#   networks. So we use 1 - 10 / steps, kept within [0.5, 0.99]: 0.99 for the default run of
+#   4,220 steps, 0.976 for one epoch, 0.767 for 43 steps.
 # * **Where BatchNorm goes.** We normalise after the ReLU (Conv-ReLU-BN); the BatchNorm paper
 #   put it before (Conv-BN-ReLU). Both are common and both train well. In Conv-BN-ReLU the
 #   convolution's bias is redundant (BatchNorm subtracts the mean, bias included, and adds its
@@ -1185,9 +1186,9 @@ write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
 #
 # A GPU makes training many times faster; the setup cell finds one on its own. On a GPU it
 # also uses *mixed precision*: the layers (all but the output and the augmentation) compute in
-# 16-bit floats, which a GPU's tensor cores
-# multiply much faster, while the weights stay in 32-bit floats and the loss is scaled up
-# while the gradients are computed so that small ones do not round to zero. And it *compiles*
+# 16-bit floats, which a GPU's tensor cores multiply much faster, while the weights stay in
+# 32-bit floats and the loss is scaled up while the gradients are computed so that small ones
+# do not round to zero. And it *compiles*
 # the training step (XLA on TensorFlow and JAX, `torch.compile` on PyTorch), fusing many small
 # operations into fewer GPU programs. With several GPUs, TensorFlow's `MirroredStrategy` and
 # JAX's `keras.distribution.DataParallel` put a copy of the model on each and split every
@@ -1747,16 +1748,19 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 #
 # 1. **Grey**: colour carries no information about the digit.
 # 2. **Polarity**: MNIST measures ink (0 = none). The paper is what surrounds the digit, so
-#    the image's border shows the paper's greys; ink goes beyond them. Darker ink: invert.
+#    a frame along the image's border shows the paper's greys. Ink is darker than the
+#    paper's darkest grey (pen) or brighter than its brightest (chalk). Dark ink: invert.
 # 3. **Ink only**: subtract the paper's level. On evenly lit paper (a scan, the drawing pad
 #    of section 22) that is one grey. Under uneven light it changes across the page, sharply
-#    at a shadow's edge. The inverted ink is bright, so take the lowest value in a wide window
-#    around each pixel (paper, as a stroke is narrower than the window), then the highest of
-#    those: the paper's light and shadows, edges and all. Keep what stands above the noise.
-# 4. **Crop** to the ink, ignoring specks far from the digit, and thicken thin pen strokes
-#    towards MNIST's (about 2.9 pixels wide after scaling).
-# 5. (MNIST) **Scale** the longer side to 20 pixels, averaging.
-# 6. (MNIST) **Centre of mass** in the middle of a 28x28 image.
+#    at a shadow's edge. The inverted ink is bright, so for each pixel take the lowest value
+#    in a window around it, a sixth of the image wide (that is paper: a stroke is narrower),
+#    then for each pixel the highest of those lows in the same window: the paper's light and
+#    shadows, edges and all. Then keep what stands clearly above the camera's noise, scaled
+#    so that the strongest ink is 1.
+# 4. **Crop** to the ink, ignoring specks more than half the digit's size away from it, and
+#    thicken thin pen strokes towards MNIST's (about 2.9 pixels wide after scaling).
+# 5. (MNIST) **Scale** the longer side to 20 pixels (averaging when it shrinks).
+# 6. (MNIST) **Centre of mass** at (14, 14) of a 28x28 image.
 #
 # Below we fake "photos" from test digits (bigger, dark ink on grey paper with a shadow
 # across it, noisy, off-centre) and run the recipe on them. In Colab you can upload your own;
@@ -1850,7 +1854,7 @@ def ink_up(grey):
     paper_darkest, paper_brightest = np.percentile(frame, [5, 95])
     darkest, brightest = np.percentile(grey, [0.1, 99.9])
     beyond_dark, beyond_bright = paper_darkest - darkest, brightest - paper_brightest
-    if abs(beyond_dark - beyond_bright) < 0.05:  # ink reaches the frame: take its usual grey
+    if abs(beyond_dark - beyond_bright) < 0.05:  # ink in the frame too: its median is paper
         ink_is_dark = np.median(frame) > (darkest + brightest) / 2
     else:
         ink_is_dark = beyond_dark > beyond_bright
@@ -1903,7 +1907,7 @@ def ink_only(ink):
 # %%
 def ink_span(profile, reach):
     """Start and end of the run of non-empty entries holding the most ink, joined with the
-    runs less than `reach` away (a 7's separate bar), not with specks far off."""
+    runs at most `reach` away (a 7's bar drawn apart from its stem), not with specks far off."""
     edges = np.flatnonzero(np.diff(np.r_[0, (profile > 0).astype(int), 0]))
     runs = list(zip(edges[::2], edges[1::2]))
     start, end = max(runs, key=lambda run: profile[run[0]:run[1]].sum())
@@ -1915,6 +1919,7 @@ def ink_span(profile, reach):
 
 
 def crop_to_ink(ink):
+    """The digit's box: its ink, and ink up to half the digit's size away from it."""
     rows, cols = ink.sum(axis=1), ink.sum(axis=0)
     reach = 0.5 * max(end - start for start, end in (ink_span(rows, 0), ink_span(cols, 0)))
     (top, bottom), (left, right) = ink_span(rows, reach), ink_span(cols, reach)
@@ -2044,8 +2049,8 @@ else:
 # probabilities (section 16) and the most active feature maps of each block (section 17),
 # updated while you draw. The pad is 280x280 pixels, ten times MNIST's 28, and the brush
 # draws round strokes 24 pixels wide: a digit drawn 200 pixels tall is scaled by 20/200 =
-# 0.1, so its strokes become about 2.4 pixels wide, and step 4 of the recipe thickens them
-# the rest of the way to MNIST's 2.9.
+# 0.1, so its strokes become about 2.4 pixels wide, close to MNIST's 2.9 (step 4 of the
+# recipe thickens only strokes at least 2 pixels thinner than that).
 #
 # In a script run with a screen, the window opens at the end of the lesson, and
 # `python cnn_mnist_classifier.py --draw` opens it again later without training. In Colab a
