@@ -661,8 +661,9 @@ print(f"  (the weights start random, from {weights.min():.3f} to {weights.max():
 # network's output reads as probabilities.)
 #
 # Training it takes three Keras calls, the same for every network in this file: `compile`
-# (how to measure mistakes and how to improve), `fit` (show it the training images, adjust the
-# weights) and `evaluate`. Section 10 explains what happens inside. Two epochs (passes over
+# (how to measure mistakes, the *loss*: here cross-entropy; and how to improve, the
+# *optimizer*: here Adam), `fit` (show it the training images, adjust the weights) and
+# `evaluate`. Section 10 explains what happens inside. Two epochs (passes over
 # the training images) take a few seconds and reach about 96% on the validation images.
 #
 # It has 109,386 parameters, 100,480 of them (784 * 128 + 128) in the first layer: every
@@ -1861,6 +1862,7 @@ def ink_up(grey):
     return 1.0 - grey if ink_is_dark else grey.copy()
 
 
+# %%
 def running_extreme(array, size, reduce):
     """reduce (np.minimum or np.maximum) over `size` neighbours along each row, in the same
     few passes for any size (van Herk's method; Pillow's MinFilter takes seconds here)."""

@@ -49,7 +49,7 @@ def test_ctrl_c_in_training_keeps_the_best_weights_and_the_lesson_goes_on(tmp_pa
     assert wait_for(process, "Epoch 2/3", lines), "".join(lines)  # epoch 1 is complete
     process.send_signal(signal.SIGINT)
     stdout, stderr = finish(process, lines)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "Traceback" not in stderr
     assert "Training interrupted after" in stdout and "Keeping the best weights" in stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
