@@ -35,19 +35,8 @@ import os
 import sys
 
 
-def within(low, high=None, low_open=False, high_open=False):
-    """A range check for the table below: (is it valid?, what it must be, in words)."""
-    def valid(value):
-        above = value > low if low_open else value >= low
-        below = high is None or (value < high if high_open else value <= high)
-        return above and below
-    if high is None:
-        words = f"above {low}" if low_open else f"at least {low}"
-    elif low_open and high_open:
-        words = f"strictly between {low} and {high}"
-    else:
-        words = f"from {low} to {'below ' if high_open else ''}{high}"
-    return valid, words
+AT_LEAST_1 = (lambda n: n >= 1, "at least 1")  # a setting's check: (is it valid?, in words)
+FRACTION = (lambda x: 0 <= x < 1, "from 0 to below 1")
 
 
 SETTINGS = {  # name: (default, help, check). The type of the default is the flag's type.
@@ -57,19 +46,20 @@ SETTINGS = {  # name: (default, help, check). The type of the default is the fla
     "train_subset": (0, "train on a class-balanced subset of N images; 0: all 60,000",
                      (lambda n: n == 0 or 100 <= n <= 60_000, "0 (all) or from 100 to 60000")),
     "validation_split": (0.1, "share of the training images held out for validation",
-                         within(0, 1, low_open=True, high_open=True)),
+                         (lambda x: 0 < x < 1, "strictly between 0 and 1")),
     # Training
-    "epochs": (10, "passes over the training images", within(1)),
-    "batch_size": (128, "images per gradient step", within(1)),
-    "peak_learning_rate": (6e-3, "Adam's step size after the warm-up", within(0, low_open=True)),
-    "warmup_fraction": (0.3, "share of all steps spent ramping up", within(0, 1, high_open=True)),
-    "label_smoothing": (0.1, "aim for 0.91, not 1, on the right digit; 0: off",
-                        within(0, 1, high_open=True)),
-    "max_rotation": (8.0, "augmentation: rotate by up to this many degrees", within(0, 180)),
-    "max_shift": (2.0, "augmentation: shift by up to this many pixels each way", within(0, 14)),
-    "max_zoom": (0.1, "augmentation: scale by a factor from 1 - this to 1 + this",
-                 within(0, 1, high_open=True)),
-    "augment_min_epochs": (5, "augment only runs of at least this many epochs", within(1)),
+    "epochs": (10, "passes over the training images", AT_LEAST_1),
+    "batch_size": (128, "images per gradient step", AT_LEAST_1),
+    "peak_learning_rate": (6e-3, "Adam's step size after the warm-up",
+                           (lambda x: x > 0, "above 0")),
+    "warmup_fraction": (0.3, "share of all steps spent ramping up", FRACTION),
+    "label_smoothing": (0.1, "aim for 0.91, not 1, on the right digit; 0: off", FRACTION),
+    "max_rotation": (8.0, "augmentation: rotate by up to this many degrees",
+                     (lambda x: 0 <= x <= 180, "from 0 to 180")),
+    "max_shift": (2.0, "augmentation: shift by up to this many pixels each way",
+                  (lambda x: 0 <= x <= 14, "from 0 to 14")),
+    "max_zoom": (0.1, "augmentation: scale by a factor from 1 - this to 1 + this", FRACTION),
+    "augment_min_epochs": (5, "augment only runs of at least this many epochs", AT_LEAST_1),
     "seed": (1, "same seed, settings, backend and CPU machine: same numbers", None),
     # Where the maths runs
     "precision": ("auto", "auto (mixed float16 on a GPU, else float32), float32 or mixed",
@@ -77,8 +67,7 @@ SETTINGS = {  # name: (default, help, check). The type of the default is the fla
     "jit": ("auto", "compile the training step: auto (on a GPU, and with JAX), on or off",
             (lambda text: text in ("auto", "on", "off"), "auto, on or off")),
     "cpu": (False, "ignore any GPU and train on the CPU", None),
-    "cpu_replicas": (1, "split the CPU into N devices to try multi-device training",
-                     within(1)),
+    "cpu_replicas": (1, "split the CPU into N devices to try multi-device training", AT_LEAST_1),
     # Output, and the tools
     "output_dir": ("outputs", "where figures, history.csv, metrics.json and the model go", None),
     "no_show": (False, "only save figures, never open windows", None),
