@@ -1,23 +1,15 @@
 """Handwritten digits with a convolutional network: MNIST with Keras 3, explained.
 
-One file, read top to bottom: load the MNIST digits and look at them, meet a neuron and a first
-(dense) network, compute a convolution by hand, then build a convolutional network (three
-Conv+ReLU -> BatchNorm blocks, the first two followed by max-pooling, then a small dense
-classifier), train it with Adam, watch it learn and overfit, evaluate it once on the test set,
-look inside it, save it, and read *your* handwritten digit, from a photo or drawn with the
-mouse while it watches. It runs on the three Keras backends that train (TensorFlow, the
-default; JAX; PyTorch), on a CPU or a GPU.
+Read it top to bottom: load the MNIST digits and look at them, meet a neuron and a first
+(dense) network, compute a convolution by hand, then build a convolutional network, train it
+with Adam, watch it learn and overfit, evaluate it once, look inside it, save it, and read
+*your* handwritten digit, from a photo or drawn with the mouse. It runs on TensorFlow (the
+default), JAX or PyTorch, on a CPU or a GPU, and reaches about 99.5% test accuracy (README.md).
 
-    pip install -r requirements.txt && python cnn_mnist_classifier.py
-    python cnn_mnist_classifier.py --quick               # a short tour (1 epoch, about a minute)
-    python cnn_mnist_classifier.py --data-dir DIR        # offline: the four MNIST files in DIR
-    python cnn_mnist_classifier.py --predict my_digits/  # read your own handwritten digits
-    python cnn_mnist_classifier.py --draw                # draw digits; watch the network read
-    KERAS_BACKEND=jax python cnn_mnist_classifier.py     # the same lesson on JAX
+    pip install -r requirements.txt && python cnn_mnist_classifier.py    # --help: every flag
 
 or paste the whole file into one Google Colab cell and run it. Everything it makes goes to
-`outputs/`: numbered figures, `history.csv`, `metrics.json` and `mnist_cnn.keras`. The default
-run reaches about 99.5% test accuracy; README.md has the measurements (machine, seeds, times).
+`outputs/`: numbered figures, `history.csv`, `metrics.json` and `mnist_cnn.keras`.
 """
 
 # %% [markdown]
@@ -118,27 +110,25 @@ def parse_settings(argv=None, in_notebook=False):
 # %% [markdown]
 # ## 2. Setup
 #
-# What must happen before the lesson: read the settings, import Keras with the chosen backend,
-# make the output folder, choose the device, and take the tool exit (`--predict` reads your
-# digits and skips the lesson). Section 12 explains backends and devices, once there is a
-# training run to talk about. Skip all four cells of this section on a first reading.
+# What must run before the lesson: read the settings, import Keras with the chosen backend,
+# make the output folder, choose the device, and take the tool exits (`--predict`, `--draw`).
+# Section 12 explains backends and devices. Skip this section on a first reading.
 
 # %%
 import ast
 import atexit
 import contextlib
-import json
-import math
 import re
 import signal
 import tempfile
 import threading
-import time
 
 IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, VS Code cells and Colab
 IN_COLAB = "google.colab" in sys.modules
 RUNNING = __name__ == "__main__"          # False when --predict or the tests load this file
 DEVICE_COUNT = 1                          # setup_device below counts them
+# TensorFlow's C++ info, warning and error lines; fatal ones (F...) pass: the process aborts.
+NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:")
 
 
 def fail(message, exit_code=1):
@@ -147,44 +137,24 @@ def fail(message, exit_code=1):
     sys.exit(exit_code)
 
 
-# Info, warning and error lines; a fatal one (F...) always passes: the process aborts after it.
-NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:")
-
-
 def hide_native_logs():
-    """TensorFlow's C++ code writes log lines straight to file 2 (stderr), whatever
-    TF_CPP_MIN_LOG_LEVEL says. Route file 2 through a thread that holds those lines back and
-    passes everything else on. Returns (the held lines, the terminal's file number)."""
+    """TensorFlow's C++ code logs straight to file 2 (stderr), whatever TF_CPP_MIN_LOG_LEVEL
+    says. Route file 2 through a thread that holds those lines back and passes the rest on.
+    Returns (the held lines, the terminal's file number)."""
     held, (read_end, write_end), terminal = [], os.pipe(), os.dup(2)
     os.dup2(write_end, 2)
     os.close(write_end)
 
     def forward():
-        with open(read_end, "rb") as pipe:
-            for line in pipe:
-                if NATIVE_LOG_LINE.match(line):
-                    held.append(line)
-                else:
-                    os.write(terminal, line)
+        for line in open(read_end, "rb"):
+            if NATIVE_LOG_LINE.match(line):
+                held.append(line)
+            else:
+                os.write(terminal, line)
     thread = threading.Thread(target=forward, daemon=True)
     thread.start()
     atexit.register(lambda: (sys.stderr.flush(), os.dup2(terminal, 2), thread.join(5)))
     return held, terminal
-
-
-@contextlib.contextmanager
-def keras_import_checked(held_logs=(), terminal=2):
-    """A backend that is not installed: one line, not a traceback. Any other failure: show
-    what TensorFlow logged, then the traceback."""
-    try:
-        yield
-    except ModuleNotFoundError as error:
-        fail(f"Keras' backend needs the Python package {error.name!r}, which is not "
-             f"installed. Install it (pip install {error.name}) or choose another backend: "
-             "KERAS_BACKEND=tensorflow, jax or torch.")
-    except BaseException:
-        os.write(terminal, b"".join(held_logs))
-        raise
 
 
 # %%
@@ -208,11 +178,11 @@ def stop_quietly_on_ctrl_c():
 
 def load_definitions(path):
     """This file's imports, CONSTANTS, functions and classes, without the lesson: --predict
-    uses it to skip training, and the tests to call the helpers."""
+    and --draw use it to skip training, and the tests to call the helpers."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     imports, kept = (ast.Import, ast.ImportFrom), (ast.FunctionDef, ast.ClassDef)
     tree.body = [node for node in tree.body if isinstance(node, (*imports, *kept)) or (
-        isinstance(node, ast.With) and all(isinstance(n, imports) for n in node.body)) or (
+        isinstance(node, ast.Try) and all(isinstance(n, imports) for n in node.body)) or (
         isinstance(node, ast.Assign) and all(getattr(t, "id", "").isupper() for t in node.targets))]
     module = type(sys)("cnn_mnist_classifier")
     module.__file__ = path
@@ -243,8 +213,15 @@ if RUNNING:
              "python cnn_mnist_classifier.py")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 NATIVE_LOGS = hide_native_logs() if RUNNING else ([], 2)
-with keras_import_checked(*NATIVE_LOGS):
+try:
     import keras
+except ModuleNotFoundError as error:  # the backend's package is not installed
+    fail(f"Keras' backend needs the Python package {error.name!r}, which is not installed. "
+         f"Install it (pip install {error.name}) or choose another backend: "
+         "KERAS_BACKEND=tensorflow, jax or torch.")
+except BaseException:  # anything else: what TensorFlow logged, then the traceback
+    os.write(NATIVE_LOGS[1], b"".join(NATIVE_LOGS[0]))
+    raise
 import matplotlib
 import numpy as np
 
@@ -324,6 +301,7 @@ if RUNNING:
 # %%
 print("\n## 3. Load MNIST")
 import gzip
+import math
 import zlib
 
 IDX_IMAGES_MAGIC = 0x00000803  # "unsigned bytes, 3 dimensions"
@@ -661,6 +639,8 @@ print(f"  (the weights start random, from {weights.min():.3f} to {weights.max():
 # weights. The next section's convolution fixes both.
 
 # %%
+import time
+
 DENSE_EPOCHS = 2
 
 
@@ -1647,7 +1627,7 @@ if len(mistakes):
 
 # %%
 print("\n## 20. Save the model, reload it, check it")
-
+import json
 
 SAFE_KERAS = (3, 14, 0)  # fixed a safe-mode bypass (CVE-2026-1462) and a path traversal
 
@@ -1930,6 +1910,7 @@ def crop_and_thicken(ink):
     return cropped
 
 
+# %%
 def mnist_box_and_centre(cropped):
     """Steps 5 and 6 (MNIST's own): longer side to 20 pixels, averaging, then the centre of
     mass at MNIST's (14, 14) in a 28x28 image."""
@@ -1960,6 +1941,7 @@ def prepare_digit(image):
 def prepare_digit_file(path):
     """prepare_digit for a file path; problems raise ImageProblem with a plain reason."""
     return prepare_digit(open_image(path))
+
 
 # %%
 def make_photo_like(digit, rng, canvas=(360, 480)):
@@ -2238,26 +2220,32 @@ class DrawingPad:
 # Python after every stroke and draw the answer as bars.
 
 # %%
-CANVAS_JS = """
+READING_JS = """
+function showReading(root, reading) {  // the words, the 28x28 digit and the ten bars
+  root.querySelector(".text").textContent = reading.text;
+  root.querySelector(".digit").src = reading.digit || "";
+  const probabilities = reading.probabilities || [], highest = Math.max(...probabilities);
+  root.querySelector(".bars").innerHTML = probabilities.map((p, d) => `<div style="text-align:
+    center;font:11px sans-serif"><div style="width:16px;height:${Math.round(100 * p)}px;
+    background:${p === highest ? "#1f77b4" : "#ccc"}"></div>${d}</div>`).join("");
+}
+const PAD_HTML = `<div data-jp-suppress-context-menu
+  style="display:flex;gap:16px;align-items:flex-start">
+  <div><canvas width="%(size)d" height="%(size)d" style="background:#000;touch-action:none;
+    cursor:crosshair"></canvas><br><button>Clear</button> <span class="text"></span></div>
+  <div><img class="digit" width="112" height="112"
+    style="image-rendering:pixelated;background:#000"><div class="bars" style="display:flex;
+    gap:3px;align-items:flex-end;height:120px"></div></div></div>`;
+""" % {"size": PAD_SIZE}  # a %-format string: a literal % is %%
+
+
+# %%
+CANVAS_JS = READING_JS + """
 function drawingPad(root, send) {  // send(png data URL) may return a Promise of a reading
-  root.innerHTML = `<div data-jp-suppress-context-menu
-    style="display:flex;gap:16px;align-items:flex-start">
-    <div><canvas width="%(size)d" height="%(size)d" style="background:#000;touch-action:none;
-      cursor:crosshair"></canvas><br><button>Clear</button> <span class="text">nothing drawn
-      yet</span></div><div><img class="digit" width="112" height="112"
-      style="image-rendering:pixelated;background:#000"><div class="bars" style="display:flex;
-      gap:3px;align-items:flex-end;height:120px"></div></div></div>`;
+  root.innerHTML = PAD_HTML;
   const canvas = root.querySelector("canvas"), pen = canvas.getContext("2d");
-  const text = root.querySelector(".text"), bars = root.querySelector(".bars");
+  const show = reading => showReading(root, reading);
   let last = null, strokes = 0;  // strokes: a late answer to an older stroke is dropped
-  function show(reading) {
-    text.textContent = reading.text;
-    root.querySelector(".digit").src = reading.digit || "";
-    bars.innerHTML = (reading.probabilities || []).map((p, d) => `<div style="text-align:
-      center;font:11px sans-serif"><div style="width:16px;height:${Math.round(100 * p)}px;
-      background:${p === Math.max(...reading.probabilities) ? "#1f77b4" : "#ccc"}"></div>
-      ${d}</div>`).join("");
-  }
   function clear() {
     strokes += 1;
     pen.fillStyle = "#000";
@@ -2304,7 +2292,7 @@ function drawingPad(root, send) {  // send(png data URL) may return a Promise of
   clear();
   return show;
 }
-""" % {"size": PAD_SIZE, "brush": BRUSH_WIDTH}  # a %-format string: a literal % is %%
+""" % {"brush": BRUSH_WIDTH}
 
 
 # %%

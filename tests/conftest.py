@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +72,16 @@ def tutorial():
     the tutorial's own load_definitions, as --predict does."""
     from benchmark import load_tutorial
     return load_tutorial()
+
+
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory, tutorial):
+    """--data-dir for the short runs: real MNIST, cut to 3,000 training and 500 test images and
+    saved as float32 in [0, 1], as home-made mnist.npz files often are. Small keeps their
+    evaluation quick; float tests the exact scaling back to 0-255 end to end."""
+    (x_train, y_train, x_test, y_test), _ = tutorial.load_mnist(DATA_DIR or "")
+    folder = tmp_path_factory.mktemp("small_mnist")
+    np.savez(folder / "mnist.npz", x_train=x_train[:3000].astype(np.float32) / 255,
+             y_train=y_train[:3000], x_test=x_test[:500].astype(np.float32) / 255,
+             y_test=y_test[:500])
+    return ["--data-dir", str(folder)]

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from PIL import Image
 
-from conftest import DATA_ARGS, DATA_DIR, EXPECTED_FIGURES, METRIC_KEYS, ROOT, SCRIPT, run_script
+from conftest import DATA_DIR, EXPECTED_FIGURES, METRIC_KEYS, ROOT, SCRIPT, run_script
 
 # Makes `import tensorflow` fail in a child process, as on a machine without TensorFlow.
 NO_TENSORFLOW = textwrap.dedent("""
@@ -74,7 +74,7 @@ def test_every_section_prints_its_heading_in_order(quick_run):
 
 
 def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
-    """Saved with TensorFlow; loaded with TensorFlow and with JAX, it scores the same."""
+    """Saved with TensorFlow, loaded with JAX in a fresh process: it scores the same."""
     _, output_dir, metrics = quick_run
     program = textwrap.dedent(f"""
         import sys
@@ -87,7 +87,7 @@ def test_saved_model_reloads_in_a_fresh_process_on_each_backend(quick_run):
         probabilities = model.predict(tutorial.preprocess_images(x_test), verbose=0)
         print("ACCURACY", keras.backend.backend(), float((probabilities.argmax(1) == y_test).mean()))
     """)
-    for backend in ("tensorflow", "jax"):
+    for backend in ("jax",):  # TensorFlow: the run's own reload, and test_model's
         env = dict(os.environ, KERAS_BACKEND=backend)
         completed = subprocess.run([sys.executable, "-c", program], capture_output=True,
                                    text=True, timeout=300, env=env)
@@ -107,18 +107,20 @@ def run_notebook(cells, tmp_path):
     return notebook
 
 
-def test_runs_as_one_cell_and_cell_by_cell_with_the_same_numbers(tmp_path):
+def test_runs_as_one_cell_and_cell_by_cell_with_the_same_numbers(tmp_path, small_mnist):
     """Colab's way: the whole file in one cell of a real Jupyter kernel, after a cell that
     sets sys.argv; and VS Code's and jupytext's: each `# %%` cell its own notebook cell, in
     order. Same seed and settings, so the same test accuracy (this is also the
-    reproducibility check: two CPU runs, same numbers)."""
+    reproducibility check: two CPU runs, same numbers). Both runs also take TensorFlow's
+    two-device path (the CPU split in two) and read a float mnist.npz: one pair of runs for
+    all of it, to keep the suite short."""
     with open(SCRIPT, encoding="utf-8") as handle:
         source = handle.read()
     metrics = []
     for way in ("one cell", "cell by cell"):
         output_dir = tmp_path / way.replace(" ", "_")
         argv = ["cnn_mnist_classifier.py", "--quick", "--train-subset", "1000",
-                "--output-dir", str(output_dir), *DATA_ARGS]
+                "--cpu-replicas", "2", "--output-dir", str(output_dir), *small_mnist]
         cells = re.split(r"^# %%.*$", source, flags=re.MULTILINE)[1:]  # [0]: the docstring
         code = [source] if way == "one cell" else [cell for cell in cells if cell.strip() and
                                                   not all(line.startswith("#") or not
@@ -136,25 +138,15 @@ def test_runs_as_one_cell_and_cell_by_cell_with_the_same_numbers(tmp_path):
             assert (output_dir / name).is_file(), name
         metrics.append(json.loads((output_dir / "metrics.json").read_text()))
     assert len(code) > 15
+    assert metrics[0]["device"] == "CPU split into 2 devices"
+    assert metrics[0]["data_source"].endswith("mnist.npz")
+    assert metrics[0]["reload_predictions_match"] is True
+    assert metrics[0]["test_accuracy"] > 0.5  # 7 steps on 900 images: learning, not chance
     assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
     assert metrics[0]["test_loss"] == metrics[1]["test_loss"]
 
 
-@pytest.mark.parametrize("backend", ["tensorflow"])  # JAX: in the test below
-def test_two_device_data_parallel_path_on_a_cpu_split_in_two(tmp_path, backend):
-    completed = run_script(["--quick", "--epochs", "2", "--train-subset", "2000",
-                            "--cpu-replicas", "2",
-                            "--no-show", "--output-dir", str(tmp_path), *DATA_ARGS],
-                           env_overrides={"KERAS_BACKEND": backend})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["device"] == "CPU split into 2 devices"
-    assert metrics["backend"] == backend
-    assert metrics["reload_predictions_match"] is True
-    assert metrics["test_accuracy"] > 0.5  # 30 steps on 1,800 images: learning, not chance
-
-
-def test_jax_runs_without_tensorflow_with_augmentation_on_two_devices(tmp_path):
+def test_jax_runs_without_tensorflow_with_augmentation_on_two_devices(tmp_path, small_mnist):
     """JAX on a machine where `import tensorflow` fails; augmentation forced on; the CPU split
     into two devices (JAX's DataParallel path). One run for the three, to keep the suite short."""
     hide = tmp_path / "hide_tensorflow"
@@ -163,7 +155,7 @@ def test_jax_runs_without_tensorflow_with_augmentation_on_two_devices(tmp_path):
     output_dir = tmp_path / "out"
     completed = run_script(["--quick", "--train-subset", "2000", "--augment-min-epochs", "1",
                             "--cpu-replicas", "2", "--no-show", "--output-dir", str(output_dir),
-                            *DATA_ARGS],
+                            *small_mnist],
                            env_overrides={"KERAS_BACKEND": "jax", "PYTHONPATH": str(hide)})
     metrics = check_run(completed, output_dir, least_accuracy=0.5)  # 15 augmented steps
     assert metrics["backend"] == "jax" and metrics["augmentation"] is True
@@ -173,19 +165,3 @@ def test_jax_runs_without_tensorflow_with_augmentation_on_two_devices(tmp_path):
     check = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True,
                            env=dict(os.environ, PYTHONPATH=str(hide)))
     assert check.returncode != 0  # the hiding really works
-
-
-def test_gpu_configuration_runs_on_the_cpu(tmp_path):
-    """What a GPU gets by default (mixed float16, XLA), forced on here: slow, but it runs and
-    the reload check allows for float16 rounding."""
-    # TF_ENABLE_ONEDNN_OPTS=0: on a CPU with AVX512-FP16 (this machine's), oneDNN's float16
-    # kernels took 41 s for 5 training steps, TensorFlow's own 1.3 s (measured).
-    completed = run_script(["--quick", "--train-subset", "2000", "--precision", "mixed",
-                            "--jit", "on", "--no-show", "--output-dir", str(tmp_path),
-                            *DATA_ARGS], env_overrides={"TF_ENABLE_ONEDNN_OPTS": "0"})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["precision"] == "mixed_float16" and metrics["jit_compile"] is True
-    assert metrics["reload_predictions_match"] is True, metrics
-    assert "largest probability difference" in completed.stdout
-    assert metrics["test_accuracy"] > 0.5
