@@ -15,8 +15,8 @@ or paste the whole file into one Google Colab cell and run it. Everything it mak
 # %% [markdown]
 # ## 1. Settings
 #
-# Sections 1 and 2 are the machinery: on a first reading, skip to section 3 (and there, past
-# the file readers to the line that loads MNIST). Every knob a
+# Sections 1 and 2 are the machinery: on a first reading, skip to section 3, and there past
+# the file readers to the line `... = load_mnist(settings.data_dir)`. Every knob a
 # learner may want to turn is one row of this table: its default and what it does (each is
 # explained where the lesson uses it). In Colab, edit a default and run again; in a shell,
 # pass the flag of the same name (`epochs` is `--epochs 3`); `--help` lists them all.
@@ -512,12 +512,16 @@ save_figure(plot_class_distribution(y_train_all, y_test), "02_class_distribution
 # %% [markdown]
 # ## 5. Preprocess, and split off a validation set
 #
-# * Shape `(N, 28, 28, 1)`: the convolution layers (section 7) expect a channel axis (1 for
-#   grey, 3 for RGB).
-# * `float32` in [0, 1]: inputs of a similar, small scale make training stable (255 -> 1.0,
-#   128 -> 0.5; figure 03 shows one digit's numbers before and after).
-# * One-hot labels: the digit 3 becomes `[0,0,0,1,0,0,0,0,0,0]`, the target for the network's
-#   10 output probabilities.
+# The networks of sections 6-8 want their inputs in a fixed form (each point is explained
+# again where it matters):
+#
+# * Shape `(N, 28, 28, 1)`: convolution layers (section 7) expect a *channel* axis, the number
+#   of values per pixel (1 for grey, 3 for red, green and blue).
+# * `float32` in [0, 1]: training adjusts the network in small steps, which works best when
+#   the inputs are small numbers of a similar size (255 -> 1.0, 128 -> 0.5; figure 03 shows
+#   one digit's numbers before and after).
+# * One-hot labels: the digit 3 becomes `[0,0,0,1,0,0,0,0,0,0]`. The network answers with ten
+#   probabilities, one per digit, and this is the answer it should give.
 # * Validation: 10% of the *training* images (6,000) are held out. We watch them during
 #   training and pick the best epoch with them, so they influence our choices. The test set
 #   is used once, at the very end: since no decision was based on it, its score is an honest
@@ -630,8 +634,10 @@ print(f"  (the weights start random, from {weights.min():.3f} to {weights.max():
 # Training it takes three Keras calls, the same for every network in this file: `compile`
 # (how to measure mistakes, the *loss*: here cross-entropy; and how to improve, the
 # *optimizer*: here Adam), `fit` (show it the training images, adjust the weights) and
-# `evaluate`. Section 10 explains what happens inside. Two epochs (passes over
-# the training images) take a few seconds and reach about 96% on the validation images.
+# `evaluate`. Section 10 explains what happens inside. `fit` works through the training
+# images in *batches* (128 images, `batch_size`): each batch gives one *step*, one small
+# change of every weight. One pass over all the training images is an *epoch* (54,000 / 128:
+# 422 steps). Two epochs take a few seconds and reach about 96% on the validation images.
 #
 # It has 109,386 parameters, 100,480 of them (784 * 128 + 128) in the first layer: every
 # hidden neuron has its own weight for every pixel, and nothing tells it that neighbouring
@@ -903,7 +909,8 @@ print(f"BatchNorm momentum {batchnorm_momentum_for(total_steps):.3f} for {total_
 # shift of 0.5 pixel to the right makes each pixel the average of itself and its left
 # neighbour. All three moves are one *affine transform* per image, so the layer draws a
 # random angle, zoom and shift for each image and makes one `keras.ops.image.affine_transform`
-# call. (Keras' own layers do the same job in three transforms, with other defaults:
+# call (the 8 numbers per image are its rotation-and-scale matrix and shift, in the form that
+# function wants; the figure shows what they do, so the algebra can wait). (Keras' own layers do the same job in three transforms, with other defaults:
 # `keras.Sequential([keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
 # keras.layers.RandomRotation(8 / 360, fill_mode="constant"), keras.layers.RandomZoom(0.1,
 # fill_mode="constant")])`. On JAX that made an epoch far slower; README, Augmentation.)
@@ -1148,7 +1155,7 @@ write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
 # %% [markdown]
 # ## 12. Where the maths ran: backend, device, precision, compilation
 #
-# Keras describes the network; a *backend* library does the arithmetic: TensorFlow (the
+# (Background for running faster; nothing later depends on it.) Keras describes the network; a *backend* library does the arithmetic: TensorFlow (the
 # default), JAX or PyTorch. The same file runs on all three. Choose one by setting
 # `KERAS_BACKEND` before Keras is imported: in a shell, `KERAS_BACKEND=jax python
 # cnn_mnist_classifier.py`; in Colab, put `import os; os.environ["KERAS_BACKEND"] = "jax"` in
@@ -1510,7 +1517,8 @@ save_figure(plot_feature_maps(cnn, x_test[0]), "12_feature_maps.png", settings.o
 # backend. Read it as "the network *used* this ink": covering background changes nothing, so
 # the map cannot show ink that is *missing* (the open top of a 4). It has caveats of its own:
 # a covered digit is unlike any training digit, and the patch size and fill value change the
-# map. Gradient maps are the popular alternative; Adebayo et al. (2018, "Sanity checks for
+# map. Gradient maps (how much the output changes with each pixel, from backpropagation;
+# Guided Backprop and Grad-CAM are two variants) are the popular alternative; Adebayo et al. (2018, "Sanity checks for
 # saliency maps") found that some of them (Guided Backprop, Guided Grad-CAM) look much the
 # same even for a network with random weights, while plain gradients pass that test.
 
@@ -1670,7 +1678,10 @@ print(f"Saved {model_path} ({os.path.getsize(model_path) / 1e6:.1f} MB); reloade
       f"{same_digits}, largest probability difference {largest_difference:.1e} (allowed "
       f"{reload_tolerance(PRECISION):.0e} in {PRECISION}): match {same}")
 print(f"  Load it anywhere with: model = keras.saving.load_model({model_path!r})")
-metrics = {
+
+
+# %%
+metrics = {  # the run's numbers in one file, for the benchmark and for comparing runs
     "test_accuracy": round(float(test_accuracy), 6), "test_loss": round(float(test_loss), 6),
     "dense_test_accuracy": round(float(dense_test_accuracy), 6),
     "untrained_loss": round(float(untrained_loss), 6),
@@ -1707,6 +1718,10 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 
 # %% [markdown]
 # ## 21. Try your own digit
+#
+# The lesson about networks ends with section 20. Sections 21-23 put the trained network to
+# work on your own digits; they are image processing and a little window and web-page code,
+# to read when you want them, not to learn networks from.
 #
 # A phone photo of a digit is nothing like an MNIST image, and shrinking it to 28x28 is not
 # enough. Two steps come from MNIST's own recipe (LeCun, Cortes and Burges): each digit was
@@ -2022,8 +2037,9 @@ else:
 # probabilities (section 16) and the most active feature maps of each block (section 17),
 # updated while you draw. The pad is 280x280 pixels, ten times MNIST's 28, and the brush
 # draws round strokes 24 pixels wide: a digit drawn 200 pixels tall is scaled by 20/200 =
-# 0.1, so its strokes become about 2.4 pixels wide, close to MNIST's 2.9 (step 4 of the
-# recipe thickens only strokes at least 2 pixels thinner than that).
+# 0.1, so its strokes become about 2.4 pixels wide, a little thinner than MNIST's 2.9. Step 4
+# of the recipe makes up the difference on the pad, (2.9 - 2.4) / 0.1 = 5 pixels, in whole
+# pairs: a 5x5 maximum filter widens each stroke by 4, to 28 pixels, 2.8 after scaling.
 #
 # In a script run with a screen, the window opens at the end of the lesson, and
 # `python cnn_mnist_classifier.py --draw` opens it again later without training. In Colab a
