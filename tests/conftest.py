@@ -24,6 +24,7 @@ def find_data_dir():
 
 
 DATA_DIR = find_data_dir()
+SHARED_RUNS = ("quick_run", "interrupted_run")  # expensive fixtures that several tests read
 DATA_ARGS = ["--data-dir", DATA_DIR] if DATA_DIR else []
 
 EXPECTED_FIGURES = [
@@ -85,3 +86,24 @@ def small_mnist(tmp_path_factory, tutorial):
              y_train=y_train[:3000], x_test=x_test[:500].astype(np.float32) / 255,
              y_test=y_test[:500])
     return ["--data-dir", str(folder)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own
+def pytest_cmdline_main(config):
+    """Two test workers at once (pytest-xdist), unless -n says otherwise: the suite's runs are
+    often single-threaded (imports, tracing, figures), so on a 2-core machine two at a time
+    finish sooner. Set here because the project has no pytest.ini."""
+    if getattr(config.option, "numprocesses", 0) is None and not hasattr(config, "workerinput"):
+        config.option.numprocesses = 2
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """With several workers, the tests that read one shared run go to the same worker, so
+    that the run happens once."""
+    for item in items:
+        for fixture in SHARED_RUNS:
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break
