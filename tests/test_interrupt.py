@@ -23,7 +23,10 @@ def start_run(output_dir, data_args, extra_args=(), env=None):
         [sys.executable, SCRIPT, "--quick", "--epochs", "3", "--train-subset", "3000",
          "--no-show", "--output-dir", str(output_dir), *data_args, *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        # A test worker (pytest-xdist) ignores SIGINT, and a child would inherit that: give
+        # the run a terminal's default, so that Python turns Ctrl-C into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(process, text, lines, timeout=300):
