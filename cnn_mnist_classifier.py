@@ -795,8 +795,8 @@ save_figure(plot_convolution([
 #   learned scale and offset): values (2, 4, 6) have mean 4 and standard deviation 1.63, and
 #   become (-1.22, 0, 1.22). This keeps training stable at larger learning rates (section
 #   10). In *training* it uses the current batch's mean and variance (the square of the
-#   standard deviation); at *test* time it uses moving averages collected during training,
-#   updated each step (one batch) as
+#   standard deviation); at *test* time it uses moving averages collected during training.
+# * **BatchNorm's moving averages** are updated each step (one batch) as
 #   average = momentum * average + (1 - momentum) * batch value. (This BatchNorm momentum is
 #   not the optimizer's of section 10.) Momentum 0.99 means the average mostly reflects the
 #   last 1 / (1 - 0.99) = 100 steps. In a short run that is too slow: after 43 steps (one
@@ -1735,13 +1735,14 @@ print(f"  metrics: {os.path.join(settings.output_dir, 'metrics.json')}")
 # 2. **Polarity**: MNIST measures ink (0 = none). The paper is what surrounds the digit, so
 #    a frame along the image's border shows the paper's greys. Ink is darker than the
 #    paper's darkest grey (pen) or brighter than its brightest (chalk). Dark ink: invert.
-# 3. **Ink only**: subtract the paper's level. On evenly lit paper (a scan, the drawing pad
-#    of section 22) that is one grey. Under uneven light it changes across the page, sharply
-#    at a shadow's edge. The inverted ink is bright, so for each pixel take the lowest value
-#    in a window around it, a sixth of the image wide (that is paper: a stroke is narrower),
-#    then for each pixel the highest of those lows in the same window: the paper's light and
-#    shadows, edges and all. Then keep what stands clearly above the camera's noise, scaled
-#    so that the strongest ink is 1.
+# 3. **Ink only**: estimate the paper's brightness at each pixel and subtract it. On evenly
+#    lit paper (a scan, the drawing pad of section 22) that is one grey. Under uneven light it
+#    changes across the page, sharply at a shadow's edge. The estimate: after step 2 the ink is
+#    brighter than the paper, and a stroke is narrower than a sixth of the image. So replace
+#    each pixel by the lowest value in a window that wide around it (the strokes vanish),
+#    then by the highest of those in the same window (the paper's light and shadows come
+#    back, edges and all). Then keep what stands clearly above the camera's noise, scaled so
+#    that the strongest ink is 1.
 # 4. **Crop** to the ink, ignoring specks more than half the digit's size away from it, and
 #    thicken thin pen strokes towards MNIST's (about 2.9 pixels wide after scaling).
 # 5. (MNIST) **Scale** the longer side to 20 pixels (averaging when it shrinks).
