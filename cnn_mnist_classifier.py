@@ -909,8 +909,9 @@ print(f"BatchNorm momentum {batchnorm_momentum_for(total_steps):.3f} for {total_
 # shift of 0.5 pixel to the right makes each pixel the average of itself and its left
 # neighbour. All three moves are one *affine transform* per image, so the layer draws a
 # random angle, zoom and shift for each image and makes one `keras.ops.image.affine_transform`
-# call (the 8 numbers per image are its rotation-and-scale matrix and shift, in the form that
-# function wants; the figure shows what they do, so the algebra can wait). (Keras' own layers do the same job in three transforms, with other defaults:
+# call (its 8 numbers per image: a 2x2 rotation-and-scale matrix, an offset, and two zeros
+# for perspective, which an affine transform does not use; they send each output pixel back
+# to the input point it reads. The figure shows what they do, so the algebra can wait). (Keras' own layers do the same job in three transforms, with other defaults:
 # `keras.Sequential([keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
 # keras.layers.RandomRotation(8 / 360, fill_mode="constant"), keras.layers.RandomZoom(0.1,
 # fill_mode="constant")])`. On JAX that made an epoch far slower; README, Augmentation.)
@@ -2039,8 +2040,9 @@ else:
 # updated while you draw. The pad is 280x280 pixels, ten times MNIST's 28, and the brush
 # draws round strokes 24 pixels wide: a digit drawn 200 pixels tall is scaled by 20/200 =
 # 0.1, so its strokes become about 2.4 pixels wide, a little thinner than MNIST's 2.9. Step 4
-# of the recipe makes up the difference on the pad, (2.9 - 2.4) / 0.1 = 5 pixels, in whole
-# pairs: a 5x5 maximum filter widens each stroke by 4, to 28 pixels, 2.8 after scaling.
+# of the recipe makes up the difference on the pad. For strokes that measure the full 24
+# pixels: (2.9 - 2.4) / 0.1 = 5 pixels, in whole pairs, so a 5x5 maximum filter widens each
+# stroke by 4, to 28 pixels, 2.8 after scaling (short strokes measure thinner and get more).
 #
 # In a script run with a screen, the window opens at the end of the lesson, and
 # `python cnn_mnist_classifier.py --draw` opens it again later without training. In Colab a
@@ -2240,7 +2242,9 @@ class DrawingPad:
 READING_JS = """
 function showReading(root, reading) {  // the words, the 28x28 digit and the ten bars
   root.querySelector(".text").textContent = reading.text;
-  root.querySelector(".digit").src = reading.digit || "";
+  const digit = root.querySelector(".digit");
+  if (reading.digit) digit.src = reading.digit;
+  else digit.removeAttribute("src");  // no digit: an empty box, not a broken-image icon
   const probabilities = reading.probabilities || [], highest = Math.max(...probabilities);
   root.querySelector(".bars").innerHTML = probabilities.map((p, d) => `<div style="text-align:
     center;font:11px sans-serif"><div style="width:16px;height:${Math.round(100 * p)}px;
