@@ -10,13 +10,16 @@ default), JAX or PyTorch, on a CPU or a GPU, and reaches about 99.5% test accura
 
 or paste the whole file into one Google Colab cell and run it. Everything it makes goes to
 `outputs/`: numbered figures, `history.csv`, `metrics.json` and `mnist_cnn.keras`.
+
+How to read it: sections 1-2 (settings, setup) and section 3's file readers are machinery, to
+skim. The lesson runs from the line that loads MNIST (`... = load_mnist(settings.data_dir)`)
+to section 20. Sections 21-23 put the trained network to work on your own digits.
 """
 
 # %% [markdown]
 # ## 1. Settings
 #
-# Sections 1 and 2 are the machinery: on a first reading, skip to section 3, and there past
-# the file readers to the line `... = load_mnist(settings.data_dir)`. Every knob a
+# Machinery: on a first reading, skip to the line that loads MNIST in section 3. Every knob a
 # learner may want to turn is one row of this table: its default and what it does (each is
 # explained where the lesson uses it). In Colab, edit a default and run again; in a shell,
 # pass the flag of the same name (`epochs` is `--epochs 3`); `--help` lists them all.
@@ -215,10 +218,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 NATIVE_LOGS = hide_native_logs() if RUNNING else ([], 2)
 try:
     import keras
-except ModuleNotFoundError as error:  # the backend's package is not installed
-    fail(f"Keras' backend needs the Python package {error.name!r}, which is not installed. "
-         f"Install it (pip install {error.name}) or choose another backend: "
-         "KERAS_BACKEND=tensorflow, jax or torch.")
+except ModuleNotFoundError as error:  # Keras, or the backend's own package, is missing
+    fail(f"the Python package {error.name!r} is not installed. Install it (pip install "
+         f"{error.name}, or everything: pip install -r requirements.txt)"
+         + ("." if error.name == "keras" else " or choose another backend: "
+            "KERAS_BACKEND=tensorflow, jax or torch."))
 except BaseException:  # anything else: what TensorFlow logged, then the traceback
     os.write(NATIVE_LOGS[1], b"".join(NATIVE_LOGS[0]))
     raise
