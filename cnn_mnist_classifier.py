@@ -123,6 +123,7 @@ import atexit
 import contextlib
 import re
 import signal
+import subprocess
 import tempfile
 import threading
 
@@ -130,8 +131,6 @@ IN_NOTEBOOK = "ipykernel" in sys.modules  # Jupyter, VS Code cells and Colab
 IN_COLAB = "google.colab" in sys.modules
 RUNNING = __name__ == "__main__"          # False when --predict or the tests load this file
 DEVICE_COUNT = 1                          # setup_device below counts them
-# TensorFlow's C++ info, warning and error lines; fatal ones (F...) pass: the process aborts.
-NATIVE_LOG_LINE = re.compile(rb"WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:")
 
 
 def fail(message, exit_code=1):
@@ -140,24 +139,39 @@ def fail(message, exit_code=1):
     sys.exit(exit_code)
 
 
+# The filter below, run as its own small process: TensorFlow's C++ info, warning and error
+# lines are held back (shown on request); everything else passes, fatal lines (F...) included.
+NATIVE_LOG_FILTER = r"""
+import os, re, sys
+held, pattern = [], re.compile(rb"WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:")
+for line in sys.stdin.buffer:
+    if line == b"\0show held\n":
+        os.write(2, b"".join(held))
+    elif pattern.match(line):
+        held.append(line)
+    else:
+        os.write(2, line)
+"""
+
+
 def hide_native_logs():
     """TensorFlow's C++ code logs straight to file 2 (stderr), whatever TF_CPP_MIN_LOG_LEVEL
-    says. Route file 2 through a thread that holds those lines back and passes the rest on.
-    Returns (the held lines, the terminal's file number)."""
-    held, (read_end, write_end), terminal = [], os.pipe(), os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
+    says. Route file 2 through NATIVE_LOG_FILTER. A separate process, not a thread: when the
+    run crashes, it still passes on the crash's last words. Returns a function that shows
+    what was held back."""
+    keep = subprocess.Popen([sys.executable, "-I", "-S", "-c", NATIVE_LOG_FILTER],
+                            stdin=subprocess.PIPE, start_new_session=True)  # no Ctrl-C for it
+    terminal = os.dup(2)
+    os.dup2(keep.stdin.fileno(), 2)
+    keep.stdin.close()  # file 2 is now the only way in: the filter ends when it closes
 
-    def forward():
-        for line in open(read_end, "rb"):
-            if NATIVE_LOG_LINE.match(line):
-                held.append(line)
-            else:
-                os.write(terminal, line)
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    atexit.register(lambda: (sys.stderr.flush(), os.dup2(terminal, 2), thread.join(5)))
-    return held, terminal
+    def restore():  # at exit: the terminal back on file 2, the filter finishes its last lines
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keep.wait(5)
+    atexit.register(restore)
+    return lambda: os.write(2, b"\0show held\n")
 
 
 # %%
@@ -215,7 +229,7 @@ if RUNNING:
              "can train with; use tensorflow, jax or torch, for example: KERAS_BACKEND=jax "
              "python cnn_mnist_classifier.py")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-NATIVE_LOGS = hide_native_logs() if RUNNING else ([], 2)
+show_native_logs = hide_native_logs() if RUNNING else (lambda: None)
 try:
     import keras
 except ModuleNotFoundError as error:  # Keras, or the backend's own package, is missing
@@ -224,7 +238,7 @@ except ModuleNotFoundError as error:  # Keras, or the backend's own package, is 
          + ("." if error.name == "keras" else " or choose another backend: "
             "KERAS_BACKEND=tensorflow, jax or torch."))
 except BaseException:  # anything else: what TensorFlow logged, then the traceback
-    os.write(NATIVE_LOGS[1], b"".join(NATIVE_LOGS[0]))
+    show_native_logs()
     raise
 import matplotlib
 import numpy as np
@@ -258,7 +272,9 @@ def setup_device(cpu_replicas, precision, jit):
         devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
         if len(devices) > 1:  # a copy of the model on each device, each batch split
             scope, count = tf.distribute.MirroredStrategy(devices).scope, len(devices)
-        if not gpus:  # same seed, same numbers (on a GPU this would cost speed)
+        # Same seed, same numbers on a CPU (on a GPU it would cost speed). Keras turns XLA off
+        # under op determinism, so --jit on gives this promise up.
+        if not gpus and jit != "on":
             tf.config.experimental.enable_op_determinism()
     elif BACKEND == "jax":
         import jax
@@ -909,16 +925,19 @@ print(f"BatchNorm momentum {batchnorm_momentum_for(total_steps):.3f} for {total_
 #
 # The augmentation is a Keras layer in front of the network, active only in training, like
 # dropout. Each output pixel asks "where did I come from?" (shift back, rotate back, shrink or
-# grow back) and mixes the four input pixels around that point (bilinear interpolation): a
-# shift of 0.5 pixel to the right makes each pixel the average of itself and its left
-# neighbour. All three moves are one *affine transform* per image, so the layer draws a
-# random angle, zoom and shift for each image and makes one `keras.ops.image.affine_transform`
-# call (its 8 numbers per image: a 2x2 rotation-and-scale matrix, an offset, and two zeros
-# for perspective, which an affine transform does not use; they send each output pixel back
-# to the input point it reads. The figure shows what they do, so the algebra can wait). (Keras' own layers do the same job in three transforms, with other defaults:
-# `keras.Sequential([keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
-# keras.layers.RandomRotation(8 / 360, fill_mode="constant"), keras.layers.RandomZoom(0.1,
-# fill_mode="constant")])`. On JAX that made an epoch far slower; README, Augmentation.)
+# grow back) and mixes the four input pixels around that point (bilinear interpolation): a shift
+# of 0.5 pixel to the right makes each pixel the average of itself and its left neighbour. All
+# three moves are one *affine transform* per image, so the layer draws a random angle, zoom and
+# shift for each image and makes one `keras.ops.image.affine_transform` call (its 8 numbers per
+# image: a 2x2 rotation-and-scale matrix, an offset, and two zeros for perspective, which an
+# affine transform does not use; they send each output pixel back to the input point it reads.
+# The figure shows what they do, so the algebra can wait.) Keras' own layers do the same job in
+# three transforms, with other defaults; on JAX they made an epoch far slower (README,
+# Augmentation):
+#
+#     keras.Sequential([keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
+#                       keras.layers.RandomRotation(8 / 360, fill_mode="constant"),
+#                       keras.layers.RandomZoom(0.1, fill_mode="constant")])
 #
 # Training uses `model`: the augmentation, then the network `cnn`. Outside training the
 # augmentation does nothing, so evaluating `model` is evaluating `cnn`; the figures and the
@@ -1097,8 +1116,9 @@ print(f"Untrained: loss {untrained_loss:.2f} (ln 10 = {math.log(10):.2f}), "
 # ends training early. (`ModelCheckpoint(path, save_best_only=True)` keeps them in a file.) With the
 # learning rate decaying to zero the best epoch is usually one of the last.
 #
-# Press Ctrl-C (in a notebook: Interrupt) to stop training early: the best weights so far are
-# kept and the rest of the lesson runs on them. A second Ctrl-C ends the run.
+# Press Ctrl-C (in a notebook: Interrupt) to stop training early: the step under way finishes,
+# the weights are checked on the validation images once more, the best weights so far are kept
+# and the rest of the lesson runs on them. A second Ctrl-C ends the run.
 #
 # The default run reaches about 99.5% test accuracy; README.md (Results) shows what each part
 # of the recipe added, over three seeds.
@@ -1110,27 +1130,36 @@ import csv
 
 
 def train(model, x, y, validation_data, epochs, batch_size, extra_callbacks=()):
-    """model.fit, keeping the best validation epoch's weights; Ctrl-C stops training and keeps
-    the best so far. Returns (history, best epoch, seconds, interrupted)."""
+    """model.fit, keeping the best validation epoch's weights. Ctrl-C stops training after the
+    current step; a second Ctrl-C ends the run. Returns (history, best epoch, seconds,
+    interrupted)."""
     keep_best = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                               patience=epochs, restore_best_weights=True)
-    started, interrupted = time.perf_counter(), False
+    pressed = []
+
+    def stop_after_this_step(signal_number, frame):
+        """Not a KeyboardInterrupt in the middle of a training step: with XLA on TensorFlow
+        that corrupted memory here ("free(): invalid next size"). Keras checks stop_training
+        after each step, then validates and calls on_train_end, which restores the best."""
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        model.stop_training = True
+
+    previous_handler = signal.signal(signal.SIGINT, stop_after_this_step)
+    started = time.perf_counter()
     try:
         history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
                             validation_data=validation_data,
                             callbacks=[keep_best, *extra_callbacks],
                             verbose="auto" if IN_NOTEBOOK else 2)
-    except KeyboardInterrupt:
-        interrupted = True
-        history = getattr(model, "history", keras.callbacks.History())  # complete epochs
-        if keep_best.best_weights is not None:  # Keras skips on_train_end after Ctrl-C
-            model.set_weights(keep_best.best_weights)
-        print(f"\nTraining interrupted after {len(history.history.get('loss', []))} complete "
-              "epoch(s). " + (f"Keeping the best weights so far (epoch {keep_best.best_epoch + 1})"
-                              if keep_best.best_weights else "Keeping the weights as they are")
-              + "; the lesson goes on with them. Ctrl-C again to stop.")
-    best_epoch = keep_best.best_epoch + 1 if keep_best.best_weights is not None else 0
-    return history.history, best_epoch, time.perf_counter() - started, interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous_handler or signal.default_int_handler)
+    if pressed:
+        print(f"\nTraining interrupted by Ctrl-C in epoch {len(history.history['loss'])}. "
+              f"Keeping the best weights so far (epoch {keep_best.best_epoch + 1}); the lesson "
+              "goes on with them. Ctrl-C again to stop.")
+    return history.history, keep_best.best_epoch + 1, time.perf_counter() - started, bool(pressed)
 
 
 def write_csv(path, header, rows):
@@ -1145,13 +1174,9 @@ print(f"Training for {settings.epochs} epoch(s) of {steps_per_epoch} steps on {D
       "(Ctrl-C stops early and keeps the best weights)...")
 history, best_epoch, training_seconds, interrupted = train(
     model, x_train, y_train_onehot, (x_val, y_val_onehot), settings.epochs, settings.batch_size)
-best_val_accuracy = max(history["val_accuracy"]) if best_epoch else None
-if best_epoch:
-    print(f"Trained in {training_seconds:.1f} s; best validation accuracy "
-          f"{best_val_accuracy:.4f} at epoch {best_epoch} (those weights are kept)")
-else:
-    print(f"Trained for {training_seconds:.1f} s, not one complete epoch; going on with the "
-          "weights as they are")
+best_val_accuracy = max(history["val_accuracy"])
+print(f"Trained in {training_seconds:.1f} s; best validation accuracy {best_val_accuracy:.4f} at "
+      f"epoch {best_epoch} (those weights are kept)")
 write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
           [[epoch + 1, *(f"{values[epoch]:.6f}" for values in history.values())]
            for epoch in range(len(history.get("loss", [])))])
@@ -1160,28 +1185,28 @@ write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
 # %% [markdown]
 # ## 12. Where the maths ran: backend, device, precision, compilation
 #
-# (Background for running faster; nothing later depends on it.) Keras describes the network; a *backend* library does the arithmetic: TensorFlow (the
-# default), JAX or PyTorch. The same file runs on all three. Choose one by setting
-# `KERAS_BACKEND` before Keras is imported: in a shell, `KERAS_BACKEND=jax python
-# cnn_mnist_classifier.py`; in Colab, put `import os; os.environ["KERAS_BACKEND"] = "jax"` in
-# the first cell (after Runtime > Restart session if Keras was already imported).
+# (Background for running faster; nothing later depends on it.) Keras describes the network; a
+# *backend* library does the arithmetic: TensorFlow (the default), JAX or PyTorch. The same file
+# runs on all three. Choose one by setting `KERAS_BACKEND` before Keras is imported: in a shell,
+# `KERAS_BACKEND=jax python cnn_mnist_classifier.py`; in Colab, put
+# `import os; os.environ["KERAS_BACKEND"] = "jax"` in the first cell (after Runtime > Restart
+# session if Keras was already imported).
 #
-# A GPU makes training many times faster; the setup cell finds one on its own. On a GPU it
-# also uses *mixed precision*: the layers (all but the output and the augmentation) compute in
-# 16-bit floats, which a GPU's tensor cores multiply much faster, while the weights stay in
-# 32-bit floats and the loss is scaled up while the gradients are computed so that small ones
-# do not round to zero. And it *compiles*
-# the training step (XLA on TensorFlow and JAX, `torch.compile` on PyTorch), fusing many small
-# operations into fewer GPU programs. With several GPUs, TensorFlow's `MirroredStrategy` and
-# JAX's `keras.distribution.DataParallel` put a copy of the model on each and split every
-# batch between them (PyTorch: one device in this file). On a CPU: float32, and compilation
-# only on JAX, where it was faster (README, Backends).
+# A GPU makes training many times faster; the setup cell finds one on its own. On a GPU it also
+# uses *mixed precision*: the layers (all but the output and the augmentation) compute in 16-bit
+# floats, which a GPU's tensor cores multiply much faster, while the weights stay in 32-bit
+# floats and the loss is scaled up while the gradients are computed so that small ones do not
+# round to zero. And it *compiles* the training step (XLA on TensorFlow and JAX, `torch.compile`
+# on PyTorch), fusing many small operations into fewer GPU programs. With several GPUs,
+# TensorFlow's `MirroredStrategy` and JAX's `keras.distribution.DataParallel` put a copy of the
+# model on each and split every batch between them (PyTorch: one device in this file). On a CPU:
+# float32, and compilation only on JAX, where it was faster (README, Backends).
 
 # %%
 print("\n## 12. Where the maths ran: backend, device, precision, compilation")
 epochs_done = max(len(history.get("loss", [])), 1)
 print(f"This run: Keras {keras.__version__} on {BACKEND}, {DEVICE}, {PRECISION}, compiled "
-      f"{'on' if JIT_COMPILE else 'off'}: {training_seconds / epochs_done:.1f} s per epoch")
+      f"{'on' if model.jit_compile else 'off'}: {training_seconds / epochs_done:.1f} s per epoch")
 if "GPU" not in DEVICE:
     print("  (no GPU found; in Colab choose Runtime > Change runtime type > GPU for a much "
           "faster run)")
@@ -1515,17 +1540,17 @@ save_figure(plot_feature_maps(cnn, x_test[0]), "12_feature_maps.png", settings.o
 # %% [markdown]
 # ## 18. Which pixels matter: occlusion maps
 #
-# Cover part of the digit and see whether the network changes its mind. We slide a 6x6
-# patch of background over the image, 2 pixels at a time, and record how much the
-# probability of the predicted digit drops at each position; red = covering this part made
-# the network much less sure. It needs only predictions, so it works the same on every
-# backend. Read it as "the network *used* this ink": covering background changes nothing, so
-# the map cannot show ink that is *missing* (the open top of a 4). It has caveats of its own:
-# a covered digit is unlike any training digit, and the patch size and fill value change the
-# map. Gradient maps (how much the output changes with each pixel, from backpropagation;
-# Guided Backprop and Grad-CAM are two variants) are the popular alternative; Adebayo et al. (2018, "Sanity checks for
-# saliency maps") found that some of them (Guided Backprop, Guided Grad-CAM) look much the
-# same even for a network with random weights, while plain gradients pass that test.
+# Cover part of the digit and see whether the network changes its mind. We slide a 6x6 patch of
+# background over the image, 2 pixels at a time, and record how much the probability of the
+# predicted digit drops at each position; red = covering this part made the network much less
+# sure. It needs only predictions, so it works the same on every backend. Read it as "the network
+# *used* this ink": covering background changes nothing, so the map cannot show ink that is
+# *missing* (the open top of a 4). It has caveats of its own: a covered digit is unlike any
+# training digit, and the patch size and fill value change the map. Gradient maps (how much the
+# output changes with each pixel, from backpropagation; Guided Backprop and Grad-CAM are two
+# variants) are the popular alternative; Adebayo et al. (2018, "Sanity checks for saliency maps")
+# found that some of them (Guided Backprop, Guided Grad-CAM) look much the same even for a
+# network with random weights, while plain gradients pass that test.
 
 # %%
 print("\n## 18. Which pixels matter: occlusion maps")
@@ -1698,7 +1723,7 @@ metrics = {  # the run's numbers in one file, for the benchmark and for comparin
     "augmentation": bool(use_augmentation), "training_seconds": round(training_seconds, 2),
     "seconds_per_epoch": round(training_seconds / epochs_done, 2),
     "parameters": int(cnn.count_params()), "backend": BACKEND, "device": DEVICE,
-    "precision": PRECISION, "jit_compile": bool(JIT_COMPILE),
+    "precision": PRECISION, "jit_compile": bool(model.jit_compile),  # what Keras did
     "keras_version": keras.__version__, "backend_version": str(sys.modules[BACKEND].__version__),
     "python_version": sys.version.split()[0], "seed": settings.seed, "data_source": DATA_SOURCE,
     "median_right_confidence": round(float(np.median(confidence[right_answers])), 4),

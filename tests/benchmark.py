@@ -76,9 +76,10 @@ def worker(config):
     setting = {name: value[0] for name, value in tutorial.SETTINGS.items()}
     batch_size = setting["batch_size"]
     keras.utils.set_random_seed(seed)
-    if tutorial.BACKEND == "tensorflow":
+    if tutorial.BACKEND == "tensorflow" and config.get("jit") != "on":
         import tensorflow as tf
-        tf.config.experimental.enable_op_determinism()  # as the tutorial does on a CPU
+        # As the tutorial does on a CPU; not with --jit on, since Keras turns XLA off under it.
+        tf.config.experimental.enable_op_determinism()
     (x_all, y_all, x_test_raw, y_test), _ = tutorial.load_mnist(os.environ.get("MNIST_DATA_DIR"))
     (train_images, train_labels), (val_images, val_labels) = tutorial.split_train_validation(
         x_all, y_all, setting["validation_split"], config.get("subset"), seed)

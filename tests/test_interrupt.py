@@ -71,9 +71,10 @@ def interrupted_run(tmp_path_factory, small_mnist):
 def test_ctrl_c_in_training_keeps_the_best_weights_and_the_lesson_goes_on(interrupted_run):
     stdout, stderr, tmp_path = interrupted_run
     assert "Traceback" not in stderr
-    assert "Training interrupted after" in stdout and "Keeping the best weights" in stdout
+    assert "Training interrupted by Ctrl-C in epoch" in stdout
+    assert "Keeping the best weights" in stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["interrupted"] is True and metrics["epochs_completed"] in (1, 2)
+    assert metrics["interrupted"] is True and metrics["epochs_completed"] in (2, 3)
     assert metrics["best_epoch"] >= 1
     # The kept weights are the best epoch's: above chance (10%), and the test score agrees with
     # that epoch's validation score (after 1 of 3 epochs it is low: 41% on JAX, measured).

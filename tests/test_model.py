@@ -1,8 +1,11 @@
 """The numbers the tutorial's comments state are the numbers the code produces."""
 import inspect
+import json
+import os
 import re
 
 import numpy as np
+import pytest
 
 LAYER_COMMENT = re.compile(r"# (\w+) -> \(([\d, ]*)\), params (?:([\d*+ ]+) = )?([\d,]+)")
 
@@ -158,20 +161,28 @@ def test_zoom_keeps_the_ink_area_within_the_stated_range(tutorial):
     assert 0.81 - 0.02 <= areas.min() < 0.95 and 1.05 < areas.max() <= 1.21 + 0.02
 
 
-def test_saved_network_has_no_augmentation_layer_and_loads_in_safe_mode(quick_run):
-    """The file the tutorial saves loads with plain keras in a fresh Python with none of our
-    code (no custom classes), safe mode on."""
+def test_saved_network_has_no_augmentation_layer_and_loads_in_safe_mode(tutorial, quick_run,
+                                                                         tmp_path):
+    """The file the tutorial saves loads with plain keras (TensorFlow) in a fresh Python with
+    none of our code (no custom classes), safe mode on, and scores what the run reported."""
     import subprocess
     import sys
-    _, output_dir, _ = quick_run
-    program = ("import keras; m = keras.saving.load_model(%r, safe_mode=True); "
-               "print(m.count_params(), [type(l).__module__.split('.')[0] for l in m.layers])"
-               % str(output_dir / "mnist_cnn.keras"))
+    from conftest import DATA_DIR
+    _, output_dir, metrics = quick_run
+    _, _, x_test, y_test = tutorial.load_mnist(DATA_DIR or "")[0]
+    np.save(tmp_path / "x_test.npy", tutorial.preprocess_images(x_test))
+    program = ("import json, keras, numpy as np; m = keras.saving.load_model(%r, safe_mode=True);"
+               " p = m.predict(np.load(%r), verbose=0); print(json.dumps([m.count_params(), "
+               "[type(l).__module__.split('.')[0] for l in m.layers], p.argmax(1).tolist()]))"
+               % (str(output_dir / "mnist_cnn.keras"), str(tmp_path / "x_test.npy")))
     completed = subprocess.run([sys.executable, "-c", program], capture_output=True,
-                               text=True, timeout=300)
+                               text=True, timeout=300,
+                               env=dict(os.environ, KERAS_BACKEND="tensorflow"))
     assert completed.returncode == 0, completed.stderr[-2000:]
-    count, modules = completed.stdout.strip().split(" ", 1)
-    assert int(count) == 250_058 and set(eval(modules)) == {"keras"}
+    count, modules, predictions = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert count == 250_058 and set(modules) == {"keras"}
+    accuracy = float((np.array(predictions) == y_test).mean())
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(tutorial):
