@@ -55,7 +55,8 @@ SETTINGS = {  # name: (default, help, check). The type of the default is the fla
                   (lambda x: 0 <= x <= 14, "from 0 to 14")),
     "max_zoom": (0.1, "augmentation: scale by a factor from 1 - this to 1 + this", FRACTION),
     "augment_min_epochs": (5, "augment only runs of at least this many epochs", AT_LEAST_1),
-    "seed": (1, "same seed, settings, backend and CPU machine: same numbers", None),
+    "seed": (1, "same seed, settings, backend and CPU machine: same numbers (not with --jit "
+                "on, on TensorFlow)", None),
     # Where the maths runs
     "precision": ("auto", "auto (mixed float16 on a GPU, else float32), float32 or mixed",
                   (lambda text: text in ("auto", "float32", "mixed"), "auto, float32 or mixed")),
