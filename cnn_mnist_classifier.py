@@ -160,8 +160,11 @@ def hide_native_logs():
     says. Route file 2 through NATIVE_LOG_FILTER. A separate process, not a thread: when the
     run crashes, it still passes on the crash's last words. Returns a function that shows
     what was held back."""
-    keep = subprocess.Popen([sys.executable, "-I", "-S", "-c", NATIVE_LOG_FILTER],
-                            stdin=subprocess.PIPE, start_new_session=True)  # no Ctrl-C for it
+    try:
+        keep = subprocess.Popen([sys.executable, "-I", "-S", "-c", NATIVE_LOG_FILTER],
+                                stdin=subprocess.PIPE, start_new_session=True)  # no Ctrl-C
+    except OSError:  # no Python executable to start (an embedded Python): logs stay as they are
+        return lambda: None
     terminal = os.dup(2)
     os.dup2(keep.stdin.fileno(), 2)
     keep.stdin.close()  # file 2 is now the only way in: the filter ends when it closes
