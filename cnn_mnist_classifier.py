@@ -1183,7 +1183,7 @@ print(f"Trained in {training_seconds:.1f} s; best validation accuracy {best_val_
       f"epoch {best_epoch} (those weights are kept)")
 write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
           [[epoch + 1, *(f"{values[epoch]:.6f}" for values in history.values())]
-           for epoch in range(len(history.get("loss", [])))])
+           for epoch in range(len(history["loss"]))])
 
 
 # %% [markdown]
@@ -1208,7 +1208,7 @@ write_csv(os.path.join(settings.output_dir, "history.csv"), ["epoch", *history],
 
 # %%
 print("\n## 12. Where the maths ran: backend, device, precision, compilation")
-epochs_done = max(len(history.get("loss", [])), 1)
+epochs_done = len(history["loss"])  # fewer than asked for after Ctrl-C
 print(f"This run: Keras {keras.__version__} on {BACKEND}, {DEVICE}, {PRECISION}, compiled "
       f"{'on' if model.jit_compile else 'off'}: {training_seconds / epochs_done:.1f} s per epoch")
 if "GPU" not in DEVICE:
@@ -1264,13 +1264,10 @@ def plot_history(history, best_epoch, schedule, total_steps, steps_per_epoch, lo
     return figure
 
 
-if history.get("loss"):
-    print(f"Last epoch: training loss {history['loss'][-1]:.2f}, validation loss "
-          f"{history['val_loss'][-1]:.2f} (lowest possible {loss_floor:.2f})")
-    save_figure(plot_history(history, best_epoch, schedule, total_steps, steps_per_epoch,
-                             loss_floor), "06_training_history.png", settings.output_dir)
-else:
-    print("  (no complete epoch, so no curves to draw)")
+print(f"Last epoch: training loss {history['loss'][-1]:.2f}, validation loss "
+      f"{history['val_loss'][-1]:.2f} (lowest possible {loss_floor:.2f})")
+save_figure(plot_history(history, best_epoch, schedule, total_steps, steps_per_epoch,
+                         loss_floor), "06_training_history.png", settings.output_dir)
 
 
 # %% [markdown]
@@ -1719,9 +1716,9 @@ metrics = {  # the run's numbers in one file, for the benchmark and for comparin
     "test_accuracy": round(float(test_accuracy), 6), "test_loss": round(float(test_loss), 6),
     "dense_test_accuracy": round(float(dense_test_accuracy), 6),
     "untrained_loss": round(float(untrained_loss), 6),
-    "best_val_accuracy": best_val_accuracy and round(float(best_val_accuracy), 6),
+    "best_val_accuracy": round(float(best_val_accuracy), 6),
     "best_epoch": best_epoch, "epochs": settings.epochs,
-    "epochs_completed": len(history.get("loss", [])), "interrupted": interrupted,
+    "epochs_completed": epochs_done, "interrupted": interrupted,
     "batch_size": settings.batch_size, "steps_per_epoch": steps_per_epoch,
     "train_images": int(len(x_train)), "validation_images": int(len(x_val)),
     "augmentation": bool(use_augmentation), "training_seconds": round(training_seconds, 2),
